@@ -1,0 +1,265 @@
+"""Typed, frozen experiment configuration.
+
+One `ExperimentConfig` describes a whole run. It is built from a YAML preset shipped in
+`iai_dist/presets/`, or a user's YAML file, plus dotted command-line overrides
+(`--set train.lr=3e-4`). Every check happens here, before any work starts, and a failure is a
+`ConfigError` with one readable line that names the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import copy
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
+
+PRESET_PACKAGE = "iai_dist.presets"
+
+
+class ConfigError(ValueError):
+    """A config that cannot run; the message is one line meant for the user."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class TaskConfig(_Section):
+    """The task family and the shape of an episode: K mini-batches of B context points + a query set."""
+
+    family: str = "linear_regression"
+    dim: PositiveInt = 20  # input dimension d; x ~ N(0, I)
+    num_classes: int = Field(2, ge=2)  # classification families only
+    noise_var: float = Field(0.01, ge=0)  # regression: observation noise variance
+    label_noise: float = Field(0.0, ge=0)  # classification: Gumbel temperature on teacher logits (0 = argmax)
+    teacher_hidden: PositiveInt = 32  # hidden width of the MLP teacher (mlp_* families)
+    steps: PositiveInt = 10  # K: refinement steps = mini-batches per episode
+    batch_size: PositiveInt = 10  # B: points per mini-batch
+    query_size: PositiveInt = 100  # points in the query set D_valid
+
+    @field_validator("family")
+    @classmethod
+    def _family_exists(cls, family: str) -> str:
+        from iai_dist.tasks import FAMILIES  # the registry imports this module
+
+        if family not in FAMILIES:
+            raise ValueError(f"unknown task family {family!r}; known: {', '.join(sorted(FAMILIES))}")
+        return family
+
+
+class RegimeConfig(_Section):
+    """What the state is (DESIGN.md 'regime') and what the refiner reads besides it ('signal')."""
+
+    kind: Literal["parametric", "explicit", "implicit"] = "parametric"
+    signal: Literal["obs", "grad", "obs+grad"] = "obs+grad"
+    model: Literal["linear", "mlp"] = "linear"  # parametric f: linear / softmax-linear, or a one-hidden-layer MLP
+    hidden: PositiveInt = 32  # hidden width of the parametric MLP f, and of the explicit f_gamma
+    latent_dim: PositiveInt = 32  # explicit: size of the task latent z
+    chunk_size: PositiveInt = 32  # a state vector is cut into tokens of this many entries
+
+    @model_validator(mode="after")
+    def _implicit_has_no_gradient(self) -> "RegimeConfig":
+        if self.kind == "implicit" and self.signal != "obs":
+            raise ValueError(
+                f"signal {self.signal!r} needs parameters to differentiate; the implicit regime has none, use 'obs'"
+            )
+        return self
+
+
+class RefinerConfig(_Section):
+    """The Transformer h_phi."""
+
+    width: PositiveInt = 128
+    depth: PositiveInt = 4
+    heads: PositiveInt = 4
+    mlp_ratio: PositiveInt = 4
+
+    @model_validator(mode="after")
+    def _heads_divide_width(self) -> "RefinerConfig":
+        if self.width % self.heads:
+            raise ValueError(f"width {self.width} must be a multiple of heads {self.heads}")
+        return self
+
+
+class TrainConfig(_Section):
+    """Greedy meta-training: AdamW, linear warmup then cosine decay, gradient clipping."""
+
+    tasks_per_batch: PositiveInt = 128  # episodes per learner step
+    max_steps: PositiveInt = 2000  # learner steps
+    lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.05, ge=0, le=1)  # cosine decays to lr * min_lr_ratio
+    warmup_steps: int = Field(100, ge=0)
+    weight_decay: float = Field(0.01, ge=0)
+    grad_clip: float = Field(1.0, gt=0)
+    # 'relative' weighs each refinement step's query loss by its own size (sum of log losses), so late
+    # steps, whose losses are orders of magnitude smaller, are learned as well as the first; 'uniform' sums them.
+    step_weighting: Literal["relative", "uniform"] = "relative"
+    seed: int = Field(0, ge=0)  # model init and the training episodes' seed
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    compile: bool = False  # torch.compile the refiner (worth it on GPUs, slow to start on a small CPU)
+    max_nonfinite_in_row: PositiveInt = 10  # stop with an error after this many skipped non-finite steps
+    checkpoint_every: PositiveInt = 500
+    log_every: PositiveInt = 50
+
+
+class EvalConfig(_Section):
+    """Held-out evaluation against baselines on the very same episodes and mini-batches."""
+
+    episodes: PositiveInt = 512
+    seed: int = Field(1_000_003, ge=0)  # held-out episodes; lr selection uses seed + 1
+    horizon: PositiveInt = 2  # refine for horizon * K steps (fresh mini-batches beyond K)
+    lr_grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
+    lr_select_episodes: PositiveInt = 128
+    # Train the one-step (K=1) model reading all K*B points at once for the same number of learner steps
+    # as the main model; false skips it (evaluate still uses one found beside the checkpoint).
+    one_step: bool = True
+    batch_tasks: PositiveInt = 256  # episodes evaluated at once (bounds memory)
+
+
+class TrackingConfig(_Section):
+    enabled: bool = True
+    experiment: str = "iai_dist"
+    run_name: str | None = None
+    runs_dir: str = "runs"  # relative paths are taken from the current directory
+
+
+class DistributedConfig(_Section):
+    """Filled by the Ray service; num_workers=0 is the in-process path."""
+
+    num_workers: int = Field(0, ge=0)
+    episode_workers: int = Field(0, ge=0)
+    use_gpu: bool = False
+    sync_every: PositiveInt = 1
+    max_staleness: int = Field(4, ge=0)
+
+
+class ExperimentConfig(_Section):
+    task: TaskConfig = TaskConfig()
+    regime: RegimeConfig = RegimeConfig()
+    refiner: RefinerConfig = RefinerConfig()
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+    tracking: TrackingConfig = TrackingConfig()
+    distributed: DistributedConfig = DistributedConfig()
+
+    @model_validator(mode="after")
+    def _in_process_only(self) -> "ExperimentConfig":
+        if self.distributed.num_workers:
+            raise ValueError("distributed.num_workers > 0 needs the Ray service, which is not built yet; use 0")
+        return self
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "ExperimentConfig":
+        data = self.model_dump()
+        for key, value in overrides.items():
+            _set_dotted(data, key, value)
+        return validate(data, source="overrides")
+
+
+def preset_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files(PRESET_PACKAGE).iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(text: str, source: str) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{source}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: expected a mapping of sections (task, regime, ...), got {type(data).__name__}")
+    return data
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = data
+    for i, part in enumerate(parts[:-1]):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: {'.'.join(parts[: i + 1])} is not a config section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """'train.lr=3e-4' -> ('train.lr', 3e-4); values are read as YAML scalars."""
+    key, sep, raw = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"--set {item!r}: expected KEY=VALUE such as train.lr=3e-4")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def validate(data: dict[str, Any], source: str) -> ExperimentConfig:
+    try:
+        return ExperimentConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "config"
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        else:
+            msg = err["msg"].removeprefix("Value error, ")
+            if "input" in err and not isinstance(err["input"], dict):
+                msg += f" (got {err['input']!r})"
+        more = f" (and {len(exc.errors()) - 1} more)" if len(exc.errors()) > 1 else ""
+        raise ConfigError(f"{source}: {field}: {msg}{more}") from None
+
+
+def load_config(
+    preset: str | None = None, config_file: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()
+) -> ExperimentConfig:
+    """preset (default 'default'), then a user's YAML file on top, then --set overrides on top."""
+    if preset is not None or config_file is None:
+        name = preset or "default"
+        if name not in preset_names():
+            raise ConfigError(f"unknown preset {name!r}; known: {', '.join(preset_names())}")
+        text = resources.files(PRESET_PACKAGE).joinpath(f"{name}.yaml").read_text()
+        data = _read_yaml(text, f"preset {name}")
+        source = f"preset {name}"
+    else:
+        data, source = {}, ""
+    if config_file is not None:
+        path = Path(config_file)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        user = _read_yaml(path.read_text(), str(path))
+        data = _merge(data, user)
+        source = str(path)
+    validate(data, source)
+    parsed = [parse_override(item) for item in overrides]
+    for key, value in parsed:
+        _set_dotted(data, key, value)
+    return validate(data, "--set" if parsed else source)
+
+
+def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def flatten(cfg: ExperimentConfig) -> dict[str, Any]:
+    """{'train.lr': 0.001, ...}: for MLflow params and readable diffs."""
+    out: dict[str, Any] = {}
+    for section, values in cfg.model_dump().items():
+        for key, value in values.items():
+            out[f"{section}.{key}"] = value
+    return out
+
+
+def to_yaml(cfg: ExperimentConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,138 @@
+"""Evaluation: query error after each refinement step 1..horizon*K, beside baselines on the same episodes.
+
+    python -m iai_dist.evaluate --checkpoint runs/NAME/checkpoint.pt [--set task.family=...] [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import torch
+
+from iai_dist import baselines
+from iai_dist.config import ConfigError, ExperimentConfig, parse_override
+from iai_dist.refiner import IterativeModel
+from iai_dist.rollout import refine
+from iai_dist.tasks import build_family
+from iai_dist.training import CheckpointError, read_checkpoint, resolve_device
+
+PER_STEP = ("refiner", "bayes_optimal", "adam", "sgd")
+AT_ONCE = ("full_fit", "one_step")
+
+
+def evaluate(
+    model: IterativeModel, cfg: ExperimentConfig, one_step: IterativeModel | None = None, device="cpu"
+) -> dict:
+    """The summary: errors per step for the refiner and per-step baselines, and the at-once baselines."""
+    family, ec, k = model.family, cfg.eval, cfg.task.steps
+    horizon = ec.horizon * k
+    fn = baselines.natural_fn(family, cfg.regime.hidden)
+    select = family.sample(ec.seed + 1, torch.arange(ec.lr_select_episodes), num_batches=k, device=device)
+    lrs = {opt: baselines.select_lr(family, fn, select, k, opt, ec.lr_grid) for opt in ("adam", "sgd")}
+
+    sums: dict[str, torch.Tensor] = {}
+
+    def add(name: str, terms) -> None:
+        if terms is None:
+            return
+        t = torch.stack(terms) if isinstance(terms, list) else terms.unsqueeze(0)  # [steps, 2, T]
+        sums[name] = sums.get(name, 0) + t.sum(-1).double().cpu()
+
+    model.eval()
+    for start in range(0, ec.episodes, ec.batch_tasks):
+        idx = torch.arange(start, min(start + ec.batch_tasks, ec.episodes))
+        ep = family.sample(ec.seed, idx, num_batches=horizon, device=device)
+        add("refiner", refine(model, ep, horizon))
+        add("bayes_optimal", baselines.bayes_optimal(family, ep, horizon))
+        for opt in ("adam", "sgd"):
+            add(opt, baselines.gradient_descent(family, fn, ep, horizon, opt, lrs[opt]))
+        add("full_fit", baselines.full_fit(family, fn, ep.first_batches(k)))
+        if one_step is not None:
+            add("one_step", refine(one_step.eval(), ep.first_batches(k).as_one_batch(), 1)[-1])
+
+    errors = {name: (100.0 * s[:, 0] / s[:, 1]).tolist() for name, s in sums.items()}
+    return {
+        "task": cfg.task.model_dump(),
+        "regime": cfg.regime.model_dump(),
+        "metric": "relative squared error %" if family.kind == "regression" else "classification error %",
+        "episodes": ec.episodes,
+        "K": k,
+        "steps": list(range(horizon + 1)),  # index i: after i refinement steps (0 = the initial state)
+        "per_step": {name: errors[name] for name in PER_STEP if name in errors},
+        "at_once": {name: errors[name][0] for name in AT_ONCE if name in errors},
+        "lr": lrs,
+    }
+
+
+def report_steps(k: int, horizon: int) -> list[int]:
+    return sorted({s for s in (1, 2, 5, k, 2 * k, horizon) if 1 <= s <= horizon})
+
+
+def format_table(summary: dict) -> str:
+    """A markdown table: one row per method, error % after selected steps, and the at-once baselines."""
+    k, horizon = summary["K"], summary["steps"][-1]
+    cols = report_steps(k, horizon)
+    head = "| method | " + " | ".join(f"step {s}" for s in cols) + f" | all {k} mini-batches at once |"
+    lines = [head, "|" + "---|" * (len(cols) + 2)]
+    lr = summary.get("lr", {})
+    for name, errs in summary["per_step"].items():
+        label = f"{name} (lr {lr[name]:g})" if name in lr else name
+        lines.append(f"| {label} | " + " | ".join(_fmt(errs[s]) for s in cols) + " | |")
+    for name, err in summary["at_once"].items():
+        lines.append(f"| {name} | " + " | ".join("" for _ in cols) + f" | {_fmt(err)} |")
+    return "\n".join(lines)
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.3g}" if x < 10 else f"{x:.1f}"
+
+
+def load_for_eval(path: Path, overrides: list[str], device) -> tuple[IterativeModel, ExperimentConfig]:
+    """A checkpoint's model, evaluated under its own config with --set overrides (e.g. another family)."""
+    ckpt, cfg = read_checkpoint(path)
+    cfg = cfg.with_overrides(dict(parse_override(o) for o in overrides))
+    model = IterativeModel(cfg, build_family(cfg.task))
+    try:
+        model.load_state_dict(ckpt["model"])
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
+        raise ConfigError(f"{path} does not fit task {cfg.task.family} with these settings: {first}") from None
+    return model.to(device).eval(), cfg
+
+
+def one_step_beside(checkpoint: Path) -> Path:
+    return checkpoint.parent / "one_step" / "checkpoint.pt"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m iai_dist.evaluate", description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True, type=Path)
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--out", type=Path, help="directory for summary.json (default: the checkpoint's)")
+    args = parser.parse_args(argv)
+
+    try:
+        model, cfg = load_for_eval(args.checkpoint, args.overrides, "cpu")
+        one_path = one_step_beside(args.checkpoint)
+        one_step = None
+        if one_path.exists():
+            overrides = [o for o in args.overrides if not o.startswith(("task.steps", "task.batch_size"))]
+            one_step, _ = load_for_eval(one_path, overrides, "cpu")
+    except (ConfigError, CheckpointError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    device = resolve_device(cfg.train.device)
+    summary = evaluate(model.to(device), cfg, None if one_step is None else one_step.to(device), device)
+    out = args.out or args.checkpoint.parent
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(format_table(summary))
+    print(f"summary: {out / 'summary.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The greedy learner step: one function, called in-process or by each Ray Train worker.
+
+Each transition's incoming state is data (detached by construction), so the loss after step i sends no
+gradient through steps 0..i-1: the greedy objective of DESIGN.md.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from iai_dist.config import TrainConfig
+from iai_dist.refiner import IterativeModel
+from iai_dist.rollout import Transitions
+
+
+@dataclass
+class StepStats:
+    loss: float
+    step_losses: list[float]  # mean query loss after each refinement step (index i = after step i+1)
+    step_errors: list[float]  # query error % after each refinement step, pooled over the batch
+    grad_norm: float
+    skipped: bool  # a non-finite loss or gradient: no update was made
+
+
+def greedy_losses(model: IterativeModel, tr: Transitions, num_steps: int):
+    """(per-step mean query loss [num_steps], per-step error terms [2, num_steps]) over a batch of transitions."""
+    new_state = model.step(tr.state, tr.x, tr.y, tr.grad, tr.step, tr.x_query)
+    out = model.predict(new_state, tr.x_query)
+    per_row = model.family.loss(out, tr.y_query)
+    num, den = model.family.error_terms(out.detach(), tr.y_query)
+    counts = torch.bincount(tr.step, minlength=num_steps)
+    losses = per_row.new_zeros(num_steps).index_add(0, tr.step, per_row) / counts.clamp_min(1)
+    terms = per_row.new_zeros(2, num_steps).index_add(1, tr.step, torch.stack([num, den]))
+    return losses, terms, counts > 0
+
+
+def learner_step(
+    model: IterativeModel,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    tr: Transitions,
+    cfg: TrainConfig,
+    num_steps: int,
+) -> StepStats:
+    model.train()
+    losses, terms, present = greedy_losses(model, tr, num_steps)
+    if cfg.step_weighting == "relative":
+        loss = losses[present].clamp_min(1e-12).log().mean()  # d log L = dL / L: every step counts alike
+    else:
+        loss = losses[present].mean()
+    optimizer.zero_grad(set_to_none=True)
+    finite = bool(torch.isfinite(loss))
+    grad_norm = math.nan
+    if finite:
+        loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip))
+        finite = math.isfinite(grad_norm)
+    if finite:
+        optimizer.step()
+        scheduler.step()
+    else:
+        optimizer.zero_grad(set_to_none=True)
+    errors = (100.0 * terms[0] / terms[1].clamp_min(1e-30)).tolist()
+    return StepStats(float(loss.detach()), losses.detach().tolist(), errors, grad_norm, skipped=not finite)

@@ -1,0 +1,110 @@
+"""The refiner h_phi: one Transformer for every regime, and the model that pairs it with a regime.
+
+A refinement step reads state tokens (from the regime: theta/z chunks with their gradient, or query
+tokens [x, y_hat]) and observation tokens (the mini-batch's [x, y]), adds a step embedding, and reads an
+additive update off the state tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from iai_dist.config import ExperimentConfig, RefinerConfig
+from iai_dist.regimes import Regime, build_regime
+from iai_dist.tasks import TaskFamily
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block on scaled_dot_product_attention."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: int):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
+        self.qkv = nn.Linear(width, 3 * width)
+        self.proj = nn.Linear(width, width)
+        self.mlp = nn.Sequential(nn.Linear(width, mlp_ratio * width), nn.GELU(), nn.Linear(mlp_ratio * width, width))
+
+    def forward(self, h: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        n, length, width = h.shape
+        q, k, v = self.qkv(self.norm1(h)).view(n, length, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        h = h + self.proj(a.transpose(1, 2).reshape(n, length, width))
+        return h + self.mlp(self.norm2(h))
+
+
+class Refiner(nn.Module):
+    """h_phi. `max_steps` step embeddings; steps past the last one reuse it (evaluation beyond K)."""
+
+    def __init__(self, cfg: RefinerConfig, regime: Regime, obs_feature_dim: int, max_steps: int):
+        super().__init__()
+        w = cfg.width
+        self.state_in = nn.Linear(regime.state_feature_dim, w)
+        self.obs_in = nn.Linear(obs_feature_dim, w) if regime.uses_obs else None
+        self.state_pos = nn.Parameter(torch.zeros(regime.num_state_tokens, w)) if regime.num_state_tokens else None
+        self.step_emb = nn.Embedding(max_steps, w)
+        self.blocks = nn.ModuleList(Block(w, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.norm = nn.LayerNorm(w)
+        self.out = nn.Linear(w, regime.update_dim)
+        nn.init.zeros_(self.out.weight)  # starts as the identity map on the state
+        nn.init.zeros_(self.out.bias)
+        self.see_each_other = regime.state_tokens_see_each_other
+
+    def forward(self, state_tokens: torch.Tensor, obs_tokens: torch.Tensor | None, step: torch.Tensor) -> torch.Tensor:
+        """state_tokens [N, S, fs], obs_tokens [N, B, fo] or None, step [N] -> updates [N, S, update_dim]."""
+        h = self.state_in(state_tokens)
+        if self.state_pos is not None:
+            h = h + self.state_pos
+        num_state = h.shape[1]
+        if obs_tokens is not None:
+            h = torch.cat([h, self.obs_in(obs_tokens)], 1)
+        h = h + self.step_emb(step.clamp(max=self.step_emb.num_embeddings - 1)).unsqueeze(1)
+        mask = None if self.see_each_other else self._set_mask(num_state, h.shape[1], h.device)
+        for block in self.blocks:
+            h = block(h, mask)
+        return self.out(self.norm(h[:, :num_state]))
+
+    @staticmethod
+    def _set_mask(num_state: int, length: int, device) -> torch.Tensor:
+        """State tokens see themselves and the observations; observations see only each other."""
+        mask = torch.zeros(length, length, dtype=torch.bool, device=device)
+        mask[:num_state, :num_state] = torch.eye(num_state, dtype=torch.bool, device=device)
+        mask[:, num_state:] = True
+        return mask
+
+
+class IterativeModel(nn.Module):
+    """A regime plus its refiner: state^(i+1) = state^(i) + h_phi(state^(i), B^(i), signal^(i), i)."""
+
+    def __init__(self, cfg: ExperimentConfig, family: TaskFamily):
+        super().__init__()
+        self.family = family
+        self.regime = build_regime(family, cfg.regime, cfg.train.seed)
+        obs_dim = family.x_dim + family.out_dim
+        self.refiner = Refiner(cfg.refiner, self.regime, obs_dim, max_steps=cfg.task.steps)
+
+    def initial_state(self, x_query: torch.Tensor) -> torch.Tensor:
+        return self.regime.initial_state(x_query)
+
+    def predict(self, state: torch.Tensor, x_query: torch.Tensor) -> torch.Tensor:
+        return self.regime.predict(state, x_query)
+
+    def signal(self, state: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
+        """The gradient signal for a mini-batch, or None when the refiner does not read it."""
+        return self.regime.gradient(state, x, y) if self.regime.uses_grad else None
+
+    def step(
+        self,
+        state: torch.Tensor,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        grad: torch.Tensor | None,
+        step: torch.Tensor,
+        x_query: torch.Tensor,
+    ) -> torch.Tensor:
+        """One refinement step for N = tasks (or tasks x steps) rows at once."""
+        obs = torch.cat([x, self.family.encode_targets(y)], -1) if self.regime.uses_obs else None
+        tokens = self.regime.state_tokens(state, grad, x_query)
+        return self.regime.apply_update(state, self.refiner(tokens, obs, step))

@@ -1,0 +1,78 @@
+"""The K-step refinement loop: states under no_grad with a refiner snapshot, and the transitions it yields."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from iai_dist.refiner import IterativeModel
+from iai_dist.tasks import Episode
+
+
+@dataclass
+class Transitions:
+    """Greedy-training units: row r is (state theta^(i), mini-batch B^(i), gradient g^(i), query set, step i).
+
+    Rows from many tasks and steps are stacked, so the learner runs every step of a batch in one forward pass.
+    `version` is the refiner version that produced the states (the Ray learner measures staleness with it).
+    """
+
+    state: torch.Tensor
+    grad: torch.Tensor | None
+    x: torch.Tensor
+    y: torch.Tensor
+    x_query: torch.Tensor
+    y_query: torch.Tensor
+    step: torch.Tensor
+    version: int = 0
+
+    def __len__(self) -> int:
+        return self.state.shape[0]
+
+    def to(self, device) -> "Transitions":
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return Transitions(*(move(t) for t in (self.state, self.grad, self.x, self.y, self.x_query, self.y_query, self.step)), self.version)
+
+
+@torch.no_grad()
+def make_transitions(model: IterativeModel, ep: Episode, version: int = 0) -> Transitions:
+    """Roll out K = ep.num_batches steps and stack them step-major (row = i * tasks + t)."""
+    t, k = ep.num_tasks, ep.num_batches
+    state = model.initial_state(ep.x_query)
+    states, grads = [], []
+    for i in range(k):
+        x, y = ep.minibatch(i)
+        grad = model.signal(state, x, y)
+        states.append(state)
+        grads.append(grad)
+        if i + 1 < k:  # the last step's output is never an input
+            state = model.step(state, x, y, grad, _steps(i, t, ep.x.device), ep.x_query)
+    rep = lambda v: v.unsqueeze(0).expand(k, *v.shape).reshape(k * t, *v.shape[1:])  # noqa: E731
+    return Transitions(
+        state=torch.cat(states),
+        grad=None if grads[0] is None else torch.cat(grads),
+        x=ep.x.transpose(0, 1).reshape(k * t, *ep.x.shape[2:]),
+        y=ep.y.transpose(0, 1).reshape(k * t, *ep.y.shape[2:]),
+        x_query=rep(ep.x_query),
+        y_query=rep(ep.y_query),
+        step=torch.arange(k, device=ep.x.device).repeat_interleave(t),
+        version=version,
+    )
+
+
+@torch.no_grad()
+def refine(model: IterativeModel, ep: Episode, num_steps: int | None = None) -> list[torch.Tensor]:
+    """Query error terms (numerator, denominator per task, stacked [2, T]) after steps 0..num_steps."""
+    n = ep.num_batches if num_steps is None else num_steps
+    state = model.initial_state(ep.x_query)
+    terms = [torch.stack(model.family.error_terms(model.predict(state, ep.x_query), ep.y_query))]
+    for i in range(n):
+        x, y = ep.minibatch(i)
+        state = model.step(state, x, y, model.signal(state, x, y), _steps(i, ep.num_tasks, ep.x.device), ep.x_query)
+        terms.append(torch.stack(model.family.error_terms(model.predict(state, ep.x_query), ep.y_query)))
+    return terms
+
+
+def _steps(i: int, t: int, device) -> torch.Tensor:
+    return torch.full((t,), i, dtype=torch.long, device=device)

@@ -1,0 +1,66 @@
+"""Counter-based random numbers: every value is a pure function of (seed, episode index, stream, position).
+
+This is what makes an episode reproducible from (seed, index) alone, whatever batch it is drawn in and on
+whatever device, without a Python loop over tasks: the bits come from integer hashing, which is exact on
+CPU and GPU alike. (A stateful torch.Generator would tie an episode to the batch it was drawn with.)
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+
+import torch
+
+_M32 = 0xFFFFFFFF
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer finaliser (lowbias32) on int64 tensors holding values in [0, 2**32).
+
+    Products may wrap around 2**64; only their low 32 bits are kept, which wrapping does not change.
+    """
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _M32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _M32
+    return x ^ (x >> 16)
+
+
+class EpisodeRNG:
+    """Random draws for a batch of episodes; `normal("w", (d,))` returns a [tasks, d] tensor.
+
+    Each named stream is independent; within a stream, the value at a position never depends on the
+    shape asked for beyond it, so drawing more context points leaves the first ones unchanged.
+    """
+
+    def __init__(self, seed: int, indices: torch.Tensor, device: torch.device | str = "cpu"):
+        idx = indices.to(device=device, dtype=torch.int64)
+        base = _mix32(torch.full_like(idx, seed & _M32) ^ 0x5BD1E995)
+        base = _mix32(base ^ (idx & _M32))
+        self._base = _mix32(base ^ ((idx >> 32) & _M32) ^ ((seed >> 32) & _M32))  # [T]
+        self.device = idx.device
+
+    def bits(self, stream: str, count: int) -> torch.Tensor:
+        """[T, count] uniformly distributed 32-bit integers (as int64)."""
+        salt = zlib.crc32(stream.encode())
+        pos = torch.arange(count, device=self.device, dtype=torch.int64)
+        key = _mix32((pos * 0x9E3779B9 + salt) & _M32)
+        return _mix32(self._base[:, None] ^ key[None, :])
+
+    def uniform(self, stream: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """[T, *shape] floats in the open interval (0, 1)."""
+        n = math.prod(shape)
+        u = ((self.bits(stream, n) >> 8).to(torch.float32) + 0.5) * 2.0**-24
+        return u.view(-1, *shape)
+
+    def normal(self, stream: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """[T, *shape] standard normals (Box-Muller on two uniforms per value)."""
+        n = math.prod(shape)
+        u = ((self.bits(stream, 2 * n) >> 8).to(torch.float32) + 0.5) * 2.0**-24
+        u1, u2 = u[:, 0::2], u[:, 1::2]
+        z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
+        return z.view(-1, *shape)
+
+    def gumbel(self, stream: str, shape: tuple[int, ...]) -> torch.Tensor:
+        return -torch.log(-torch.log(self.uniform(stream, shape)))

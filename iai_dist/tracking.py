@@ -1,0 +1,83 @@
+"""MLflow: one run per training job, params from the resolved config, per-step metrics, the summary, plots."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from iai_dist.config import ExperimentConfig, flatten
+
+
+def tracking_uri(runs_dir: Path) -> str:
+    """MLFLOW_TRACKING_URI when set, else an absolute SQLite store under the runs directory."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(runs_dir / 'mlflow.db').resolve()}"
+
+
+class Tracker:
+    """A thin wrapper that is a no-op when tracking is disabled, so the training loop never branches on it."""
+
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path, runs_dir: Path):
+        self.enabled = cfg.tracking.enabled
+        self.run_id: str | None = None
+        self.uri = tracking_uri(runs_dir)
+        if not self.enabled:
+            return
+        import mlflow
+
+        self._mlflow = mlflow
+        mlflow.set_tracking_uri(self.uri)
+        mlflow.set_experiment(cfg.tracking.experiment)
+        id_file = run_dir / "mlflow_run_id"
+        resume = id_file.read_text().strip() if id_file.exists() else None
+        run = mlflow.start_run(run_id=resume, run_name=None if resume else run_dir.name)
+        self.run_id = run.info.run_id
+        id_file.write_text(self.run_id)
+        if not resume:
+            mlflow.log_params(flatten(cfg))
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self.enabled:
+            self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def log_artifact(self, path: Path) -> None:
+        if self.enabled:
+            self._mlflow.log_artifact(str(path))
+
+    def log_summary(self, summary: dict) -> None:
+        """Final errors as metrics: `eval/<method>/step_<i>` for per-step methods, `eval/<method>` at once."""
+        if not self.enabled:
+            return
+        metrics = {f"eval/{name}": err for name, err in summary["at_once"].items()}
+        for name, errs in summary["per_step"].items():
+            metrics.update({f"eval/{name}/step_{i}": e for i, e in enumerate(errs)})
+        self._mlflow.log_metrics(metrics)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        if self.enabled and self._mlflow.active_run() is not None:
+            self._mlflow.end_run(status=status)
+
+
+def plot_errors(summary: dict, path: Path) -> Path:
+    """Error vs refinement step (log scale) for the refiner and the baselines; at-once baselines as lines."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.2), dpi=120)
+    steps = summary["steps"][1:]
+    for name, errs in summary["per_step"].items():
+        ax.plot(steps, errs[1:], marker="o", ms=3, label=name, lw=2.2 if name == "refiner" else 1.2)
+    for name, err in summary["at_once"].items():
+        ax.axhline(err, ls="--", lw=1, label=f"{name} (all K·B points)", color="grey" if name == "full_fit" else "black")
+    ax.axvline(summary["K"], color="k", lw=0.5, alpha=0.4)
+    ax.set_yscale("log")
+    ax.set_xlabel("refinement step (mini-batches read); K = %d" % summary["K"])
+    ax.set_ylabel(summary["metric"])
+    ax.set_title(f"{summary['task']['family']} · {summary['regime']['kind']} · {summary['regime']['signal']}")
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

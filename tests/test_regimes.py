@@ -1,0 +1,91 @@
+import pytest
+import torch
+
+from iai_dist.config import load_config
+from iai_dist.refiner import IterativeModel
+from iai_dist.tasks import build_family
+
+CASES = [
+    ("linear_regression", "parametric", "obs+grad", "linear"),
+    ("linear_regression", "parametric", "grad", "linear"),
+    ("mlp_regression", "parametric", "obs", "mlp"),
+    ("linear_classification", "parametric", "obs+grad", "linear"),
+    ("mlp_classification", "parametric", "grad", "mlp"),
+    ("linear_regression", "explicit", "obs+grad", "linear"),
+    ("linear_classification", "explicit", "grad", "linear"),
+    ("linear_regression", "implicit", "obs", "linear"),
+    ("mlp_classification", "implicit", "obs", "linear"),
+]
+
+
+def build(family, kind, signal, model, **extra):
+    sets = [f"task.family={family}", f"regime.kind={kind}", f"regime.signal={signal}", f"regime.model={model}",
+            "task.num_classes=3", "regime.hidden=6", "regime.chunk_size=5", "regime.latent_dim=7"]
+    cfg = load_config("tiny", overrides=sets + [f"{k}={v}" for k, v in extra.items()])
+    fam = build_family(cfg.task)
+    return cfg, fam, IterativeModel(cfg, fam)
+
+
+@pytest.mark.parametrize("family,kind,signal,model", CASES)
+def test_refinement_step_shapes_and_update(family, kind, signal, model):
+    cfg, fam, m = build(family, kind, signal, model)
+    ep = fam.sample(0, torch.arange(5))
+    state = m.initial_state(ep.x_query)
+    x, y = ep.minibatch(0)
+    grad = m.signal(state, x, y)
+    assert (grad is not None) == ("grad" in signal)
+    if grad is not None:
+        assert grad.shape == state.shape
+    # the output layer starts at zero: the first refiner is the identity on the state
+    step0 = torch.zeros(5, dtype=torch.long)
+    assert torch.equal(m.step(state, x, y, grad, step0, ep.x_query), state)
+    torch.nn.init.normal_(m.refiner.out.weight, std=0.1)
+    new = m.step(state, x, y, grad, step0, ep.x_query)
+    assert new.shape == state.shape and not torch.allclose(new, state)
+    out = m.predict(new, ep.x_query)
+    assert out.shape == (5, cfg.task.query_size, fam.out_dim)
+    # step embeddings beyond K reuse the last one instead of failing (evaluation runs 2K steps)
+    far = m.step(state, x, y, grad, torch.full((5,), 3 * cfg.task.steps), ep.x_query)
+    assert torch.isfinite(far).all()
+
+
+@pytest.mark.parametrize("family,kind,model", [
+    ("linear_regression", "parametric", "linear"),
+    ("mlp_regression", "parametric", "mlp"),
+    ("linear_classification", "parametric", "linear"),
+    ("mlp_classification", "parametric", "mlp"),
+    ("mlp_regression", "explicit", "linear"),
+])
+def test_gradient_signal_matches_autograd_on_single_tasks(family, kind, model):
+    _, fam, m = build(family, kind, "grad", model)
+    ep = fam.sample(4, torch.arange(6))
+    state = m.initial_state(ep.x_query) + 0.3 * torch.randn(6, m.regime.state_dim)
+    x, y = ep.minibatch(1)
+    batched = m.signal(state, x, y)
+    for t in range(6):
+        s = state[t : t + 1].clone().requires_grad_(True)
+        loss = fam.loss(m.predict(s, x[t : t + 1]), y[t : t + 1]).sum()
+        (want,) = torch.autograd.grad(loss, s)
+        torch.testing.assert_close(batched[t : t + 1], want, rtol=1e-5, atol=1e-6)
+
+
+def test_implicit_query_predictions_do_not_depend_on_other_queries():
+    _, fam, m = build("linear_regression", "implicit", "obs", "linear")
+    torch.nn.init.normal_(m.refiner.out.weight, std=0.1)
+    ep = fam.sample(0, torch.arange(3))
+    x, y = ep.minibatch(0)
+    step = torch.zeros(3, dtype=torch.long)
+    full = m.step(m.initial_state(ep.x_query), x, y, None, step, ep.x_query)
+    part_q = ep.x_query[:, 2:5]
+    part = m.step(m.initial_state(part_q), x, y, None, step, part_q)
+    torch.testing.assert_close(full[:, 2:5], part, rtol=1e-5, atol=1e-6)
+
+
+def test_large_theta_is_cut_into_chunk_tokens():
+    _, _, m = build("mlp_regression", "parametric", "obs+grad", "mlp")
+    r = m.regime
+    assert r.state_dim == (4 * 6 + 6 + 6 + 1) and r.num_state_tokens == -(-r.state_dim // 5)
+    theta = torch.arange(2 * r.state_dim, dtype=torch.float32).view(2, -1)
+    tokens = r.state_tokens(theta, torch.ones_like(theta), None)
+    assert tokens.shape == (2, r.num_state_tokens, 3 * 5)
+    assert torch.equal(r.apply_update(theta, torch.zeros(2, r.num_state_tokens, 5)), theta)
