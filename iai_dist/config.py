@@ -59,6 +59,9 @@ class RegimeConfig(_Section):
     hidden: PositiveInt = 32  # hidden width of the parametric MLP f, and of the explicit f_gamma
     latent_dim: PositiveInt = 32  # explicit: size of the task latent z
     chunk_size: PositiveInt = 32  # a state vector is cut into tokens of this many entries
+    # parametric/explicit: observation tokens also carry f's current prediction at each mini-batch point,
+    # so the refiner reads residuals directly instead of multiplying x by theta across tokens
+    obs_predictions: bool = True
 
     @model_validator(mode="after")
     def _implicit_has_no_gradient(self) -> "RegimeConfig":

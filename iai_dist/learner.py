@@ -1,7 +1,8 @@
 """The greedy learner step: one function, called in-process or by each Ray Train worker.
 
 Each transition's incoming state is data (detached by construction), so the loss after step i sends no
-gradient through steps 0..i-1: the greedy objective of DESIGN.md.
+gradient through steps 0..i-1: the greedy objective of DESIGN.md. Only the learned initial state, which
+no earlier step produced, is taken live.
 """
 
 from __future__ import annotations
@@ -27,7 +28,10 @@ class StepStats:
 
 def greedy_losses(model: IterativeModel, tr: Transitions, num_steps: int):
     """(per-step mean query loss [num_steps], per-step error terms [2, num_steps]) over a batch of transitions."""
-    new_state = model.step(tr.state, tr.x, tr.y, tr.grad, tr.step, tr.x_query)
+    # Step-0 rows start from the live learned initial state, so theta^(0) / z^(0) / y_hat^(0) get a gradient.
+    first = (tr.step == 0).view(-1, *([1] * (tr.state.ndim - 1)))
+    state = torch.where(first, model.initial_state(tr.x_query), tr.state)
+    new_state = model.step(state, tr.x, tr.y, tr.grad, tr.step, tr.x_query)
     out = model.predict(new_state, tr.x_query)
     per_row = model.family.loss(out, tr.y_query)
     num, den = model.family.error_terms(out.detach(), tr.y_query)

@@ -82,7 +82,8 @@ class IterativeModel(nn.Module):
         super().__init__()
         self.family = family
         self.regime = build_regime(family, cfg.regime, cfg.train.seed)
-        obs_dim = family.x_dim + family.out_dim
+        self.obs_predictions = cfg.regime.obs_predictions and cfg.regime.kind != "implicit"
+        obs_dim = family.x_dim + family.out_dim * (2 if self.obs_predictions else 1)
         self.refiner = Refiner(cfg.refiner, self.regime, obs_dim, max_steps=cfg.task.steps)
 
     def initial_state(self, x_query: torch.Tensor) -> torch.Tensor:
@@ -105,6 +106,11 @@ class IterativeModel(nn.Module):
         x_query: torch.Tensor,
     ) -> torch.Tensor:
         """One refinement step for N = tasks (or tasks x steps) rows at once."""
-        obs = torch.cat([x, self.family.encode_targets(y)], -1) if self.regime.uses_obs else None
+        obs = None
+        if self.regime.uses_obs:
+            parts = [x, self.family.encode_targets(y)]
+            if self.obs_predictions:
+                parts.append(self.family.encode_predictions(self.regime.predict(state, x)))
+            obs = torch.cat(parts, -1)
         tokens = self.regime.state_tokens(state, grad, x_query)
         return self.regime.apply_update(state, self.refiner(tokens, obs, step))

@@ -74,3 +74,13 @@ def test_a_tiny_model_learns_to_refine(tiny_cfg):
     err = [float(t[0].sum() / t[1].sum()) for t in terms]
     assert err[5] < err[1] < err[0]
     assert err[5] < 0.5 * err[1]
+
+
+@pytest.mark.parametrize("kind,signal,param", [("parametric", "grad", "theta0"), ("explicit", "obs", "z0"),
+                                               ("implicit", "obs", "y0")])
+def test_the_learned_initial_state_is_trained(tiny_cfg, kind, signal, param):
+    trainer = Trainer(tiny_cfg.with_overrides({"regime.kind": kind, "regime.signal": signal}))
+    before = getattr(trainer.model.regime, param).detach().clone()
+    for _ in range(3):
+        trainer.train_step()
+    assert not torch.equal(before, getattr(trainer.model.regime, param))

@@ -124,6 +124,11 @@ class TaskFamily:
         return F.one_hot(y, self.cfg.num_classes).to(torch.float32)
 
 
+    def encode_predictions(self, out: torch.Tensor) -> torch.Tensor:
+        """Predictions as token features, comparable with `encode_targets`: values or class probabilities."""
+        return out if self.kind == "regression" else out.softmax(-1)
+
+
 FAMILIES: dict[str, Callable[[TaskConfig], TaskFamily]] = {}
 
 
