@@ -46,7 +46,7 @@ def test_corrupted_checkpoint_is_a_clear_error(tmp_path):
 def test_nonfinite_losses_are_skipped_then_stop_the_run(tiny_cfg):
     trainer = Trainer(tiny_cfg.with_overrides({"train.max_nonfinite_in_row": 3}))
     tr = make_transitions(trainer.model, trainer.next_episodes())
-    tr.state[0, 0] = math.nan
+    tr.state[-1, 0] = math.nan  # a step K-1 row (step-0 rows start from the live initial state)
     before = [p.detach().clone() for p in trainer.model.parameters()]
     stats = learner_step(trainer.model, trainer.optimizer, trainer.scheduler, tr, trainer.cfg.train, trainer.cfg.task.steps)
     assert stats.skipped

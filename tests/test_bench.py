@@ -1,0 +1,29 @@
+"""The benchmarks run end to end at toy sizes and write what they print."""
+
+import json
+
+import pytest
+
+from iai_dist import bench
+
+
+def test_quality_bench_writes_table_and_json(tmp_path, capsys):
+    bench.main(["quality", "--minutes", "0.03", "--one-step-minutes", "0.01", "--episodes", "32",
+                "--adam-max-steps", "50", "--settings", "linreg-paper/parametric/grad", "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "quality.json").read_text())
+    s = data["settings"]["linreg-paper/parametric/grad"]
+    assert len(s["per_step"]["refiner"]) == 21 and "one_step" in s["at_once"]
+    assert s["adam_steps_to_reach_refiner"]["max_steps"] == 50
+    assert "| refiner |" in (tmp_path / "quality.md").read_text()
+    assert "DESIGN.md reference" in capsys.readouterr().out
+
+
+def test_throughput_and_scaling_benches(tmp_path):
+    bench.main(["throughput", "--tasks", "8", "--steps", "2", "--warmup", "1", "--device", "cpu", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "throughput-cpu.json").read_text())["rows"]
+    assert rows[0]["episodes_per_s"] > 0
+    assert rows[0]["refinement_steps_per_s"] == pytest.approx(rows[0]["episodes_per_s"] * 10)
+    bench.main(["scaling", "--points", "20", "--tasks", "2", "--device", "cpu", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "scaling.json").read_text())["rows"]
+    assert [(r["mode"], r["steps"], r["batch"]) for r in rows] == [("k-step", 2, 10), ("one-step", 1, 20)]
+    assert all(r["seconds"] > 0 for r in rows)
