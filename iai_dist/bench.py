@@ -48,8 +48,9 @@ REFERENCE = {
 
 def write(out: Path, name: str, payload: dict, table: str) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else None
     payload["machine"] = {"platform": platform.platform(), "torch": torch.__version__,
-                          "threads": torch.get_num_threads(), "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None}
+                          "threads": torch.get_num_threads(), "cuda": gpu}
     (out / f"{name}.json").write_text(json.dumps(payload, indent=2))
     (out / f"{name}.md").write_text(table + "\n")
     print(table)
@@ -124,8 +125,8 @@ def throughput(args) -> None:
     for name in args.settings.split(","):
         preset, overrides = SETTINGS[name]
         for compiled in ([False, True] if args.compile else [False]):
-            cfg = load_config(preset, overrides=[*overrides, f"train.tasks_per_batch={args.tasks}", f"train.compile={compiled}",
-                                                 "train.max_steps=100000"])
+            sets = [f"train.tasks_per_batch={args.tasks}", f"train.compile={compiled}", "train.max_steps=100000"]
+            cfg = load_config(preset, overrides=[*overrides, *sets])
             trainer = Trainer(cfg, device)
             for _ in range(args.warmup):
                 trainer.train_step()
@@ -187,8 +188,9 @@ def scaling(args) -> None:
                 rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
             print(rows[-1], flush=True)
     head = ("| context points | mode | steps x batch | wall time (s) | peak memory (MiB) |\n|---|---|---|---|---|")
-    lines = [f"| {r['points']} | {r['mode']} | " + (f"{r['steps']} x {r['batch']} | {r['seconds']:.3f} | {r['peak_bytes'] / 2**20:.1f} |"
-             if "error" not in r else f"failed: {r['error']} | | |") for r in rows]
+    lines = [f"| {r['points']} | {r['mode']} | "
+             + (f"failed: {r['error']} | | |" if "error" in r else
+                f"{r['steps']} x {r['batch']} | {r['seconds']:.3f} | {r['peak_bytes'] / 2**20:.1f} |") for r in rows]
     note = (f"\n{args.tasks} tasks at once, linreg-paper refiner (untrained: cost does not depend on the weights). "
             "CPU memory is the growth of the process's peak RSS during the adaptation.")
     write(Path(args.out), "scaling", {"rows": rows}, "\n".join([head, *lines]) + note)

@@ -27,13 +27,6 @@ class Transitions:
     step: torch.Tensor
     version: int = 0
 
-    def __len__(self) -> int:
-        return self.state.shape[0]
-
-    def to(self, device) -> "Transitions":
-        move = lambda t: None if t is None else t.to(device)  # noqa: E731
-        return Transitions(*(move(t) for t in (self.state, self.grad, self.x, self.y, self.x_query, self.y_query, self.step)), self.version)
-
 
 @torch.no_grad()
 def make_transitions(model: IterativeModel, ep: Episode, version: int = 0) -> Transitions:

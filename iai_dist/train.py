@@ -13,13 +13,12 @@ import sys
 import time
 from pathlib import Path
 
-import torch
 
 from iai_dist.config import ConfigError, ExperimentConfig, load_config, preset_names, to_yaml
 from iai_dist.evaluate import evaluate, format_table, report_steps
 from iai_dist.learner import StepStats
 from iai_dist.tracking import Tracker, plot_errors
-from iai_dist.training import CheckpointError, Trainer, TrainingDiverged, read_checkpoint, train
+from iai_dist.training import CheckpointError, Trainer, TrainingDiverged, check_resumable, train
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -92,11 +91,8 @@ def prepare_run_dir(cfg: ExperimentConfig, preset: str | None) -> Path:
     runs_dir = Path(cfg.tracking.runs_dir).resolve()
     name = cfg.tracking.run_name or f"{preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = runs_dir / name
-    checkpoint = run_dir / "checkpoint.pt"
-    if checkpoint.exists():
-        _, saved = read_checkpoint(checkpoint)
-        if saved.model_dump(exclude={"tracking"}) != cfg.model_dump(exclude={"tracking"}):
-            raise CheckpointError(f"run {name!r} exists in {runs_dir} with a different config; pick another run name")
+    if (run_dir / "checkpoint.pt").exists():
+        check_resumable(run_dir / "checkpoint.pt", cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     return run_dir

@@ -143,13 +143,6 @@ def read_checkpoint(path: str | Path) -> tuple[dict, ExperimentConfig]:
     return ckpt, validate(ckpt["config"], f"config in {path}")
 
 
-def load_model(path: str | Path, device: torch.device | str = "cpu") -> tuple[IterativeModel, ExperimentConfig]:
-    ckpt, cfg = read_checkpoint(path)
-    model = IterativeModel(cfg, build_family(cfg.task))
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), cfg
-
-
 def train(
     cfg: ExperimentConfig,
     checkpoint_path: Path | None,
@@ -161,11 +154,7 @@ def train(
     (None: keep no checkpoint)."""
     trainer = Trainer(cfg, device)
     if checkpoint_path is not None and checkpoint_path.exists():
-        ckpt, saved = read_checkpoint(checkpoint_path)
-        if saved.model_dump(exclude={"tracking"}) != cfg.model_dump(exclude={"tracking"}):
-            diff = _first_difference(saved, cfg)
-            raise CheckpointError(f"{checkpoint_path} was written with a different config ({diff}); use a new run name")
-        trainer.load_state_dict(ckpt)
+        trainer.load_state_dict(check_resumable(checkpoint_path, cfg))
     tc = cfg.train
     last_time, last_step = time.perf_counter(), trainer.step
     end = tc.max_steps if stop_at is None else min(stop_at, tc.max_steps)
@@ -182,9 +171,14 @@ def train(
     return trainer
 
 
-def _first_difference(a: ExperimentConfig, b: ExperimentConfig) -> str:
-    fa, fb = flatten(a), flatten(b)
-    for key in fa:
-        if key.split(".")[0] != "tracking" and fa[key] != fb.get(key):
-            return f"{key}: {fa[key]!r} there, {fb.get(key)!r} now"
-    return "unknown field"
+def check_resumable(checkpoint_path: Path, cfg: ExperimentConfig) -> dict:
+    """The checkpoint, if it was written under this very config (tracking aside); else a clear error."""
+    ckpt, saved = read_checkpoint(checkpoint_path)
+    old, new = flatten(saved), flatten(cfg)
+    diff = [k for k in old if not k.startswith("tracking.") and old[k] != new.get(k)]
+    if diff:
+        raise CheckpointError(
+            f"{checkpoint_path} was written with a different config ({diff[0]}: {old[diff[0]]!r} there, "
+            f"{new.get(diff[0])!r} now); use another run name"
+        )
+    return ckpt

@@ -89,3 +89,18 @@ def test_large_theta_is_cut_into_chunk_tokens():
     tokens = r.state_tokens(theta, torch.ones_like(theta), None)
     assert tokens.shape == (2, r.num_state_tokens, 3 * 5)
     assert torch.equal(r.apply_update(theta, torch.zeros(2, r.num_state_tokens, 5)), theta)
+
+
+def test_bf16_autocast_runs_only_the_refiner_in_bf16():
+    _, fam, m = build("linear_regression", "parametric", "obs+grad", "linear")
+    torch.nn.init.normal_(m.refiner.out.weight, std=0.1)
+    ep = fam.sample(0, torch.arange(4))
+    x, y = ep.minibatch(0)
+    state = m.initial_state(ep.x_query)
+    args = (state, x, y, m.signal(state, x, y), torch.zeros(4, dtype=torch.long), ep.x_query)
+    full = m.step(*args)
+    m.autocast = True
+    half = m.step(*args)
+    assert half.dtype == torch.float32
+    assert not torch.equal(half, full)
+    torch.testing.assert_close(half, full, rtol=0.05, atol=0.02)

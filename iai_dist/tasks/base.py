@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Literal
 
 import torch
@@ -54,10 +54,6 @@ class Episode:
 
     def tasks(self, sl: slice) -> "Episode":
         return Episode(self.x[sl], self.y[sl], self.x_query[sl], self.y_query[sl], {k: v[sl] for k, v in self.truth.items()})
-
-    def to(self, device: torch.device | str) -> "Episode":
-        return Episode(*(getattr(self, f.name).to(device) for f in fields(self) if f.name != "truth"),
-                       {k: v.to(device) for k, v in self.truth.items()})
 
 
 class TaskFamily:
