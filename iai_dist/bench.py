@@ -33,7 +33,8 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
     "linreg-paper/parametric/grad": ("linreg-paper", ["regime.signal=grad"]),
     "linreg-paper/parametric/obs+grad": ("linreg-paper", []),
     "linreg-paper/explicit/obs+grad": ("linreg-paper", ["regime.kind=explicit"]),
-    "linreg-paper/implicit/obs": ("linreg-paper", ["regime.kind=implicit", "regime.signal=obs"]),
+    # implicit: every query point is a token, so train and score on 16 query points per episode (not 100)
+    "linreg-paper/implicit/obs": ("linreg-paper", ["regime.kind=implicit", "regime.signal=obs", "task.query_size=16"]),
     "linclass/parametric/obs+grad": ("linclass", []),
     "mlpreg/parametric/obs+grad": ("mlpreg", []),
 }

@@ -103,8 +103,8 @@ class TrainConfig(_Section):
     seed: int = Field(0, ge=0)  # model init and the training episodes' seed
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     compile: bool = False  # torch.compile the refiner (worth it on GPUs, slow to start on a small CPU)
-    # 'bf16' runs the refiner's Transformer under bfloat16 autocast: about 3x faster learner steps on CPUs
-    # with AMX (Sapphire Rapids and later) and faster on GPUs. States, f, gradients and losses stay fp32.
+    # 'bf16' runs the refiner's Transformer under bfloat16 autocast: 1.7x faster learner steps on this
+    # 2-core CPU with AMX (linreg-paper); slower on CPUs without bf16. States, f, gradients, losses stay fp32.
     autocast: Literal["off", "bf16"] = "off"
     max_nonfinite_in_row: PositiveInt = 10  # stop with an error after this many skipped non-finite steps
     checkpoint_every: PositiveInt = 500
