@@ -25,7 +25,12 @@ class Tracker:
         import mlflow
 
         self._mlflow = mlflow
+        own_store = not os.environ.get("MLFLOW_TRACKING_URI")  # read before set_tracking_uri exports it
         mlflow.set_tracking_uri(self.uri)
+        if own_store and mlflow.get_experiment_by_name(cfg.tracking.experiment) is None:
+            # artifacts beside the store, not in ./mlruns of whatever directory the job started in
+            artifacts = (runs_dir / "mlartifacts").resolve().as_uri()
+            mlflow.create_experiment(cfg.tracking.experiment, artifact_location=artifacts)
         mlflow.set_experiment(cfg.tracking.experiment)
         id_file = run_dir / "mlflow_run_id"
         resume = id_file.read_text().strip() if id_file.exists() else None

@@ -43,6 +43,7 @@ def test_train_writes_summary_checkpoint_and_mlflow_run(run):
     assert mrun.data.metrics["eval/refiner/step_3"] == pytest.approx(summary["per_step"]["refiner"][3])
     history = client.get_metric_history(mrun.info.run_id, "train/loss")
     assert [m.step for m in history] == [10, 20, 30]
+    assert mrun.info.artifact_uri.startswith((run_dir.parent / "mlartifacts").as_uri())
     artifacts = {a.path for a in client.list_artifacts(mrun.info.run_id)}
     assert {"summary.json", "config.yaml", "error_vs_step.png", "checkpoint.pt"} <= artifacts
 
