@@ -68,7 +68,8 @@ class Trainer:
         self.cursor = 0  # next episode index of the training stream
         self.nonfinite_in_row = 0
         self.skipped = 0
-        self.compiled = torch.compile(self.model) if tc.compile else self.model
+        if tc.compile:
+            self.model.refiner.compile()  # in place: state_dict keys (and checkpoints) stay the same
 
     def next_episodes(self) -> Episode:
         t = self.cfg.train.tasks_per_batch
@@ -79,7 +80,7 @@ class Trainer:
     def train_step(self) -> StepStats:
         transitions = make_transitions(self.model, self.next_episodes(), version=self.step)
         stats = learner_step(
-            self.compiled, self.optimizer, self.scheduler, transitions, self.cfg.train, self.cfg.task.steps
+            self.model, self.optimizer, self.scheduler, transitions, self.cfg.train, self.cfg.task.steps
         )
         self.step += 1
         if stats.skipped:
