@@ -42,6 +42,8 @@ def evaluate(
         sums[name] = sums.get(name, 0) + t.sum(-1).double().cpu()
 
     model.eval()
+    if one_step is not None:
+        one_step.eval()
     for start in range(0, ec.episodes, ec.batch_tasks):
         idx = torch.arange(start, min(start + ec.batch_tasks, ec.episodes))
         ep = family.sample(ec.seed, idx, num_batches=horizon, device=device)
@@ -51,7 +53,7 @@ def evaluate(
             add(opt, baselines.gradient_descent(family, fn, ep, horizon, opt, lrs[opt]))
         add("full_fit", baselines.full_fit(family, fn, ep.first_batches(k)))
         if one_step is not None:
-            add("one_step", refine(one_step.eval(), ep.first_batches(k).as_one_batch(), 1)[-1])
+            add("one_step", refine(one_step, ep.first_batches(k).as_one_batch(), 1)[-1])
 
     errors = {name: (100.0 * s[:, 0] / s[:, 1]).tolist() for name, s in sums.items()}
     return {

@@ -27,7 +27,8 @@ class StepStats:
 
 
 def greedy_losses(model: IterativeModel, tr: Transitions, num_steps: int):
-    """(per-step mean query loss [num_steps], per-step error terms [2, num_steps]) over a batch of transitions."""
+    """Over a batch of transitions: per-step mean query loss [num_steps], per-step error terms
+    [2, num_steps], and which steps the batch contains [num_steps]."""
     # Step-0 rows start from the live learned initial state, so theta^(0) / z^(0) / y_hat^(0) get a gradient.
     first = (tr.step == 0).view(-1, *([1] * (tr.state.ndim - 1)))
     state = torch.where(first, model.initial_state(tr.x_query), tr.state)

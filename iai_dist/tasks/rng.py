@@ -27,6 +27,11 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
+def _unit(bits: torch.Tensor) -> torch.Tensor:
+    """32-bit integers -> floats in the open interval (0, 1), on a 2**-24 grid (exact in float32)."""
+    return ((bits >> 8).to(torch.float32) + 0.5) * 2.0**-24
+
+
 class EpisodeRNG:
     """Random draws for a batch of episodes; `normal("w", (d,))` returns a [tasks, d] tensor.
 
@@ -50,14 +55,11 @@ class EpisodeRNG:
 
     def uniform(self, stream: str, shape: tuple[int, ...]) -> torch.Tensor:
         """[T, *shape] floats in the open interval (0, 1)."""
-        n = math.prod(shape)
-        u = ((self.bits(stream, n) >> 8).to(torch.float32) + 0.5) * 2.0**-24
-        return u.view(-1, *shape)
+        return _unit(self.bits(stream, math.prod(shape))).view(-1, *shape)
 
     def normal(self, stream: str, shape: tuple[int, ...]) -> torch.Tensor:
         """[T, *shape] standard normals (Box-Muller on two uniforms per value)."""
-        n = math.prod(shape)
-        u = ((self.bits(stream, 2 * n) >> 8).to(torch.float32) + 0.5) * 2.0**-24
+        u = _unit(self.bits(stream, 2 * math.prod(shape)))
         u1, u2 = u[:, 0::2], u[:, 1::2]
         z = torch.sqrt(-2.0 * torch.log(u1)) * torch.cos(2.0 * math.pi * u2)
         return z.view(-1, *shape)
