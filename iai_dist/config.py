@@ -123,6 +123,8 @@ class EvalConfig(_Section):
     # as the main model; false skips it (evaluate still uses one found beside the checkpoint).
     one_step: bool = True
     batch_tasks: PositiveInt = 256  # episodes evaluated at once (bounds memory)
+    # Fixed held-out episodes (seed + 2) whose query error after each step is logged at every log step.
+    monitor_episodes: int = Field(256, ge=0)
 
 
 class TrackingConfig(_Section):
@@ -133,13 +135,21 @@ class TrackingConfig(_Section):
 
 
 class DistributedConfig(_Section):
-    """Filled by the Ray service; num_workers=0 is the in-process path."""
+    """The Ray service (iai_dist.service). num_workers=0 is the in-process path: no Ray at all."""
 
-    num_workers: int = Field(0, ge=0)
-    episode_workers: int = Field(0, ge=0)
-    use_gpu: bool = False
-    sync_every: PositiveInt = 1
-    max_staleness: int = Field(4, ge=0)
+    num_workers: int = Field(0, ge=0)  # Ray Train learner workers (DDP ranks); 0 = train in this process
+    episode_workers: int = Field(0, ge=0)  # episode-worker actors, dealt round-robin to the learner ranks
+    use_gpu: bool = False  # learners get one GPU each, episode workers `episode_worker_gpus` of one
+    learner_cpus: float = Field(1.0, gt=0)  # CPUs reserved per learner (fractions let several share a core)
+    episode_worker_cpus: float = Field(1.0, gt=0)
+    episode_worker_gpus: float = Field(0.25, gt=0, le=1)  # with use_gpu: 0.25 puts four workers on one GPU
+    # Transition batches each learner rank keeps requested ahead per episode worker: the bounded buffer.
+    # Workers only roll out what was asked for, so memory stays flat however fast they are.
+    prefetch: PositiveInt = 2
+    sync_every: PositiveInt = 1  # rank 0 publishes the refiner's weights every this many learner steps
+    max_staleness: int = Field(4, ge=0)  # transitions from older refiner versions are dropped (and counted)
+    max_failures: int = Field(3, ge=-1)  # learner failures recovered from the last checkpoint (-1: always)
+    worker_restarts: int = Field(-1, ge=-1)  # restarts of a crashed episode-worker actor (-1: always)
 
 
 class ExperimentConfig(_Section):
@@ -152,9 +162,22 @@ class ExperimentConfig(_Section):
     distributed: DistributedConfig = DistributedConfig()
 
     @model_validator(mode="after")
-    def _in_process_only(self) -> "ExperimentConfig":
-        if self.distributed.num_workers:
-            raise ValueError("distributed.num_workers > 0 needs the Ray service, which is not built yet; use 0")
+    def _service_shape(self) -> "ExperimentConfig":
+        d = self.distributed
+        if d.num_workers == 0:
+            if d.episode_workers:
+                raise ValueError("distributed.episode_workers needs distributed.num_workers > 0 (the Ray service)")
+            return self
+        if d.episode_workers < d.num_workers:
+            raise ValueError(
+                f"distributed.episode_workers ({d.episode_workers}) must be at least distributed.num_workers "
+                f"({d.num_workers}): every learner rank is fed by its own episode workers"
+            )
+        if self.train.tasks_per_batch % d.num_workers:
+            raise ValueError(
+                f"train.tasks_per_batch ({self.train.tasks_per_batch}) must be a multiple of "
+                f"distributed.num_workers ({d.num_workers}): each rank learns on an equal share"
+            )
         return self
 
     def with_overrides(self, overrides: dict[str, Any]) -> "ExperimentConfig":

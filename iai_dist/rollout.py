@@ -14,18 +14,38 @@ from iai_dist.tasks import Episode
 class Transitions:
     """Greedy-training units: row r is (state theta^(i), mini-batch B^(i), gradient g^(i), query set, step i).
 
-    Rows from many tasks and steps are stacked, so the learner runs every step of a batch in one forward pass.
-    `version` is the refiner version that produced the states (the Ray learner measures staleness with it).
+    Rows from many tasks and steps are stacked step-major (row = i * tasks + t), so the learner runs every
+    step of a batch in one forward pass. The query set is kept once per task, not once per row: this is
+    what episode workers ship to the learner. `version` is the refiner version that produced the states
+    (the Ray learner measures staleness with it).
     """
 
-    state: torch.Tensor
-    grad: torch.Tensor | None
-    x: torch.Tensor
-    y: torch.Tensor
-    x_query: torch.Tensor
-    y_query: torch.Tensor
-    step: torch.Tensor
+    state: torch.Tensor  # [K*T, ...]
+    grad: torch.Tensor | None  # [K*T, P] or None (obs signal)
+    x: torch.Tensor  # [K*T, B, d]
+    y: torch.Tensor  # [K*T, B, ...]
+    x_query: torch.Tensor  # [T, Q, d]
+    y_query: torch.Tensor  # [T, Q, ...]
+    step: torch.Tensor  # [K*T]
     version: int = 0
+
+    def rows_query(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The query set of each row's task, [K*T, Q, ...]."""
+        k = self.state.shape[0] // self.x_query.shape[0]
+        rep = lambda v: v.repeat(k, *([1] * (v.ndim - 1)))  # noqa: E731
+        return rep(self.x_query), rep(self.y_query)
+
+    def to(self, device: torch.device | str) -> "Transitions":
+        """A copy on `device` whose tensors own exactly their data (a pickled view would carry its whole base)."""
+        move = lambda v: None if v is None else v.to(device, copy=True)  # noqa: E731
+        return Transitions(*(move(getattr(self, f)) for f in _TENSORS), version=self.version)
+
+    @property
+    def num_rows(self) -> int:
+        return self.state.shape[0]
+
+
+_TENSORS = ("state", "grad", "x", "y", "x_query", "y_query", "step")
 
 
 @torch.no_grad()
@@ -41,14 +61,13 @@ def make_transitions(model: IterativeModel, ep: Episode, version: int = 0) -> Tr
         grads.append(grad)
         if i + 1 < k:  # the last step's output is never an input
             state = model.step(state, x, y, grad, _steps(i, t, ep.x.device), ep.x_query)
-    rep = lambda v: v.unsqueeze(0).expand(k, *v.shape).reshape(k * t, *v.shape[1:])  # noqa: E731
     return Transitions(
         state=torch.cat(states),
         grad=None if grads[0] is None else torch.cat(grads),
         x=ep.x.transpose(0, 1).reshape(k * t, *ep.x.shape[2:]),
         y=ep.y.transpose(0, 1).reshape(k * t, *ep.y.shape[2:]),
-        x_query=rep(ep.x_query),
-        y_query=rep(ep.y_query),
+        x_query=ep.x_query,
+        y_query=ep.y_query,
         step=torch.arange(k, device=ep.x.device).repeat_interleave(t),
         version=version,
     )

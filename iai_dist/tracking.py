@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 from iai_dist.config import ExperimentConfig, flatten
@@ -13,13 +14,46 @@ def tracking_uri(runs_dir: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(runs_dir / 'mlflow.db').resolve()}"
 
 
+class RunLogger:
+    """Logs metrics into an existing MLflow run from any process: the driver, or rank 0 of the Ray learner.
+
+    Picklable (it holds only the URI and run id), so the driver hands it to the Train workers; a no-op when
+    the run id is None (tracking disabled).
+    """
+
+    def __init__(self, uri: str | None = None, run_id: str | None = None):
+        self.uri, self.run_id = uri, run_id
+        self._client = None
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        if self.run_id is None:
+            return
+        from mlflow.entities import Metric
+        from mlflow.tracking import MlflowClient
+
+        if self._client is None:
+            self._client = MlflowClient(self.uri)
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in metrics.items()]
+        for start in range(0, len(batch), 1000):  # the store's limit per batch
+            self._client.log_batch(self.run_id, metrics=batch[start:start + 1000])
+
+    def __getstate__(self) -> dict:
+        return {"uri": self.uri, "run_id": self.run_id, "_client": None}
+
+
 class Tracker:
-    """A thin wrapper that is a no-op when tracking is disabled, so the training loop never branches on it."""
+    """A thin wrapper that is a no-op when tracking is disabled, so the training loop never branches on it.
+
+    The run is created (or resumed) here on the driver, with MLflow's system metrics (CPU, memory, GPU)
+    sampled in the background for as long as it is open.
+    """
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, runs_dir: Path):
         self.enabled = cfg.tracking.enabled
         self.run_id: str | None = None
         self.uri = tracking_uri(runs_dir)
+        self.logger = RunLogger()
         if not self.enabled:
             return
         import mlflow
@@ -34,15 +68,15 @@ class Tracker:
         mlflow.set_experiment(cfg.tracking.experiment)
         id_file = run_dir / "mlflow_run_id"
         resume = id_file.read_text().strip() if id_file.exists() else None
-        run = mlflow.start_run(run_id=resume, run_name=None if resume else run_dir.name)
+        run = mlflow.start_run(run_id=resume, run_name=None if resume else run_dir.name, log_system_metrics=True)
         self.run_id = run.info.run_id
+        self.logger = RunLogger(self.uri, self.run_id)
         id_file.write_text(self.run_id)
         if not resume:
             mlflow.log_params(flatten(cfg))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        if self.enabled:
-            self._mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        self.logger.log_metrics(metrics, step)
 
     def log_artifact(self, path: Path) -> None:
         if self.enabled:

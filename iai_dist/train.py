@@ -8,6 +8,7 @@ Re-running with the same `tracking.run_name` resumes that run from its checkpoin
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -15,10 +16,12 @@ from pathlib import Path
 
 
 from iai_dist.config import ConfigError, ExperimentConfig, load_config, preset_names, to_yaml
-from iai_dist.evaluate import evaluate, format_table, report_steps
+from iai_dist.evaluate import evaluate, format_table, load_for_eval
 from iai_dist.learner import StepStats
 from iai_dist.tracking import Tracker, plot_errors
-from iai_dist.training import CheckpointError, Trainer, TrainingDiverged, check_resumable, train
+from iai_dist.training import (
+    CheckpointError, Trainer, TrainingDiverged, check_resumable, progress_line, resolve_device, step_metrics, train,
+)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -33,18 +36,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 def progress_printer(label: str):
     start = time.perf_counter()
 
-    def on_log(trainer: Trainer, stats: StepStats, rate: float) -> None:
-        k = len(stats.step_errors)
-        cols = report_steps(k, k)
-        errs = " ".join(f"@{s}:{stats.step_errors[s - 1]:.3g}%" for s in cols)
-        tasks = trainer.cfg.train.tasks_per_batch
-        print(
-            f"[{label}] step {trainer.step:>6}/{trainer.cfg.train.max_steps} | {rate:6.2f} it/s "
-            f"{rate * tasks:7.0f} episodes/s | loss {stats.loss:8.4f} | query error {errs} | "
-            f"lr {trainer.scheduler.get_last_lr()[0]:.2e} | skipped {trainer.skipped} | "
-            f"{time.perf_counter() - start:6.0f}s",
-            flush=True,
-        )
+    def on_log(trainer: Trainer, stats: StepStats, rate: float, heldout: list[float]) -> None:
+        print(progress_line(label, trainer, stats, rate, heldout, time.perf_counter() - start), flush=True)
 
     return on_log
 
@@ -54,36 +47,55 @@ def one_step_config(cfg: ExperimentConfig) -> ExperimentConfig:
     return cfg.with_overrides({"task.steps": 1, "task.batch_size": cfg.task.steps * cfg.task.batch_size})
 
 
+def fit_in_process(cfg: ExperimentConfig, out_dir: Path, tracker: Tracker, label: str, prefix: str):
+    printer = progress_printer(label)
+
+    def on_log(trainer: Trainer, stats: StepStats, rate: float, heldout: list[float]) -> None:
+        printer(trainer, stats, rate, heldout)
+        tracker.log_metrics(step_metrics(prefix, trainer, stats, rate, heldout), trainer.step)
+
+    trainer = train(cfg, out_dir / "checkpoint.pt", on_log=on_log)
+    return trainer.model, {"steps": trainer.step, "skipped": trainer.skipped, "episodes": trainer.cursor}
+
+
+def fit_on_ray(cfg: ExperimentConfig, out_dir: Path, tracker: Tracker, label: str, prefix: str):
+    from iai_dist.service import fit  # Ray stays out of the in-process path
+
+    result = fit(cfg, out_dir, tracker.logger, label, prefix)
+    model, _ = load_for_eval(result.checkpoint, [], "cpu")
+    restarted = [w["index"] for w in result.workers if w["restarted"]]
+    info = {**result.service, "episodes": sum(result.cursors) * cfg.train.tasks_per_batch // cfg.distributed.num_workers,
+            "episode_cursors": result.cursors, "restarted_episode_workers": restarted}
+    return model, info
+
+
 def run(cfg: ExperimentConfig, run_dir: Path, tracker: Tracker) -> dict:
-    def logged(label: str, prefix: str):
-        printer = progress_printer(label)
-
-        def on_log(trainer: Trainer, stats: StepStats, rate: float) -> None:
-            printer(trainer, stats, rate)
-            metrics = {f"{prefix}loss": stats.loss, f"{prefix}steps_per_s": rate,
-                       f"{prefix}episodes_per_s": rate * trainer.cfg.train.tasks_per_batch,
-                       f"{prefix}lr": trainer.scheduler.get_last_lr()[0], f"{prefix}skipped": trainer.skipped}
-            metrics.update({f"{prefix}query_error/step_{i + 1}": e for i, e in enumerate(stats.step_errors)})
-            tracker.log_metrics(metrics, trainer.step)
-
-        return on_log
-
-    checkpoint = run_dir / "checkpoint.pt"
-    trainer = train(cfg, checkpoint, on_log=logged("refiner", "train/"))
+    fit_model = fit_on_ray if cfg.distributed.num_workers else fit_in_process
+    model, info = fit_model(cfg, run_dir, tracker, "refiner", "train/")
     one_step = None
     if cfg.eval.one_step:
         one_dir = run_dir / "one_step"
         one_dir.mkdir(exist_ok=True)
-        one_step = train(one_step_config(cfg), one_dir / "checkpoint.pt", on_log=logged("one-step", "one_step/")).model
+        one_step, _ = fit_model(one_step_config(cfg), one_dir, tracker, "one-step", "one_step/")
+    device = resolve_device(cfg.train.device)
     print(f"evaluating on {cfg.eval.episodes} held-out episodes, {cfg.eval.horizon}x{cfg.task.steps} steps ...", flush=True)
-    summary = evaluate(trainer.model, cfg, one_step, trainer.device)
-    summary["train"] = {"steps": trainer.step, "skipped": trainer.skipped, "episodes": trainer.cursor}
+    summary = evaluate(model.to(device), cfg, None if one_step is None else one_step.to(device), device)
+    summary["train"] = info
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     plot = plot_errors(summary, run_dir / "error_vs_step.png")
     tracker.log_summary(summary)
-    for path in (run_dir / "config.yaml", run_dir / "summary.json", plot, checkpoint):
+    for path in (run_dir / "config.yaml", run_dir / "summary.json", plot, run_dir / "checkpoint.pt"):
         tracker.log_artifact(path)
     return summary
+
+
+def service_session(cfg: ExperimentConfig):
+    """Ray for the service path (joined or embedded, see service.runtime); nothing for the in-process one."""
+    if not cfg.distributed.num_workers:
+        return contextlib.nullcontext()
+    from iai_dist.service import ray_session
+
+    return ray_session(cfg)
 
 
 def prepare_run_dir(cfg: ExperimentConfig, preset: str | None) -> Path:
@@ -93,6 +105,10 @@ def prepare_run_dir(cfg: ExperimentConfig, preset: str | None) -> Path:
     run_dir = runs_dir / name
     if (run_dir / "checkpoint.pt").exists():
         check_resumable(run_dir / "checkpoint.pt", cfg)
+    if cfg.distributed.num_workers:
+        from iai_dist.service.fit import latest_checkpoint
+
+        latest_checkpoint(run_dir, cfg)  # Ray Train's newest checkpoint, which the run will resume from
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     return run_dir
@@ -110,11 +126,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"run {run_dir.name}: {cfg.task.family}, {cfg.regime.kind} regime, signal {cfg.regime.signal}, "
           f"K={cfg.task.steps}, B={cfg.task.batch_size}; directory {run_dir}", flush=True)
     try:
-        summary = run(cfg, run_dir, tracker)
-    except TrainingDiverged as exc:
+        with service_session(cfg):
+            summary = run(cfg, run_dir, tracker)
+    except (TrainingDiverged, CheckpointError) as exc:
         tracker.finish("FAILED")
         print(f"error: {exc}; the last good checkpoint is in {run_dir}", file=sys.stderr)
         return 1
+    except ConfigError as exc:
+        tracker.finish("FAILED")
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     except BaseException:
         tracker.finish("FAILED")
         raise

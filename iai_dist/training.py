@@ -15,9 +15,9 @@ from typing import Callable
 import torch
 
 from iai_dist.config import ExperimentConfig, flatten, validate
-from iai_dist.learner import StepStats, learner_step
+from iai_dist.learner import GreedyObjective, StepStats, learner_step
 from iai_dist.refiner import IterativeModel
-from iai_dist.rollout import make_transitions
+from iai_dist.rollout import Transitions, make_transitions, refine
 from iai_dist.tasks import Episode, build_family
 
 CHECKPOINT_FORMAT = 1
@@ -70,6 +70,9 @@ class Trainer:
         self.skipped = 0
         if tc.compile:
             self.model.refiner.compile()  # in place: state_dict keys (and checkpoints) stay the same
+        # What learner_step differentiates; the Ray learner wraps it in DistributedDataParallel.
+        self.objective: torch.nn.Module = GreedyObjective(self.model)
+        self._heldout: Episode | None = None
 
     def next_episodes(self) -> Episode:
         t = self.cfg.train.tasks_per_batch
@@ -78,9 +81,12 @@ class Trainer:
         return self.family.sample(self.cfg.train.seed, indices, device=self.device)
 
     def train_step(self) -> StepStats:
-        transitions = make_transitions(self.model, self.next_episodes(), version=self.step)
+        """In process: roll out the next episodes with the current refiner, then learn from them."""
+        return self.learn(make_transitions(self.model, self.next_episodes(), version=self.step))
+
+    def learn(self, transitions: Transitions) -> StepStats:
         stats = learner_step(
-            self.model, self.optimizer, self.scheduler, transitions, self.cfg.train, self.cfg.task.steps
+            self.objective, self.optimizer, self.scheduler, transitions, self.cfg.train, self.cfg.task.steps
         )
         self.step += 1
         if stats.skipped:
@@ -94,6 +100,17 @@ class Trainer:
         else:
             self.nonfinite_in_row = 0
         return stats
+
+    def heldout_errors(self) -> list[float]:
+        """Query error % after steps 1..K on fixed held-out episodes (eval.seed + 2): the monitored curve."""
+        n = self.cfg.eval.monitor_episodes
+        if n == 0:
+            return []
+        if self._heldout is None:
+            self._heldout = self.family.sample(self.cfg.eval.seed + 2, torch.arange(n), device=self.device)
+        self.model.eval()
+        terms = torch.stack(refine(self.model, self._heldout)[1:]).sum(-1)  # [K, 2]
+        return (100.0 * terms[:, 0] / terms[:, 1]).tolist()
 
     # -- checkpoints --
     def state_dict(self) -> dict:
@@ -147,7 +164,7 @@ def read_checkpoint(path: str | Path) -> tuple[dict, ExperimentConfig]:
 def train(
     cfg: ExperimentConfig,
     checkpoint_path: Path | None,
-    on_log: Callable[[Trainer, StepStats, float], None] | None = None,
+    on_log: Callable[[Trainer, StepStats, float, list[float]], None] | None = None,
     device: torch.device | str | None = None,
     stop_at: int | None = None,
 ) -> Trainer:
@@ -166,7 +183,7 @@ def train(
             rate = (trainer.step - last_step) / max(now - last_time, 1e-9)
             last_time, last_step = now, trainer.step
             if on_log is not None:
-                on_log(trainer, stats, rate)
+                on_log(trainer, stats, rate, trainer.heldout_errors())
         if checkpoint_path is not None and (trainer.step % tc.checkpoint_every == 0 or trainer.step == end):
             trainer.save(checkpoint_path)
     return trainer
@@ -183,3 +200,36 @@ def check_resumable(checkpoint_path: Path, cfg: ExperimentConfig) -> dict:
             f"{new.get(diff[0])!r} now); use another run name"
         )
     return ckpt
+
+
+def progress_line(label: str, trainer: Trainer, stats: StepStats, rate: float, heldout: list[float],
+                  elapsed: float, extra: str = "") -> str:
+    """One log line: step, rate, loss, held-out query error after steps 1, 2, 5, K (the training batch's
+    when there is no held-out set), lr, skipped steps, time; `extra` for the Ray service's figures."""
+    errors, where = (heldout, "held-out") if heldout else (stats.step_errors, "batch")
+    k = len(errors)
+    cols = sorted({s for s in (1, 2, 5, k) if 1 <= s <= k})
+    errs = " ".join(f"@{s}:{errors[s - 1]:.3g}%" for s in cols)
+    tc = trainer.cfg.train
+    return (
+        f"[{label}] step {trainer.step:>6}/{tc.max_steps} | {rate:6.2f} it/s {rate * tc.tasks_per_batch:7.0f} "
+        f"episodes/s | loss {stats.loss:8.4f} | {where} error {errs} | lr {trainer.scheduler.get_last_lr()[0]:.2e} "
+        f"| skipped {trainer.skipped}{extra} | {elapsed:6.0f}s"
+    )
+
+
+def step_metrics(prefix: str, trainer: Trainer, stats: StepStats, rate: float, heldout: list[float]) -> dict[str, float]:
+    """The per-step metrics every path logs (MLflow names): `<prefix>loss`, rates, lr, the training batch's
+    query error and the held-out query error after each refinement step."""
+    tc, k = trainer.cfg.train, trainer.cfg.task.steps
+    metrics = {
+        f"{prefix}loss": stats.loss,
+        f"{prefix}steps_per_s": rate,
+        f"{prefix}episodes_per_s": rate * tc.tasks_per_batch,
+        f"{prefix}transitions_per_s": rate * tc.tasks_per_batch * k,
+        f"{prefix}lr": trainer.scheduler.get_last_lr()[0],
+        f"{prefix}skipped": trainer.skipped,
+    }
+    metrics.update({f"{prefix}query_error/step_{i + 1}": e for i, e in enumerate(stats.step_errors)})
+    metrics.update({f"{prefix}heldout_error/step_{i + 1}": e for i, e in enumerate(heldout)})
+    return metrics

@@ -48,7 +48,7 @@ def test_nonfinite_losses_are_skipped_then_stop_the_run(tiny_cfg):
     tr = make_transitions(trainer.model, trainer.next_episodes())
     tr.state[-1, 0] = math.nan  # a step K-1 row (step-0 rows start from the live initial state)
     before = [p.detach().clone() for p in trainer.model.parameters()]
-    stats = learner_step(trainer.model, trainer.optimizer, trainer.scheduler, tr, trainer.cfg.train, trainer.cfg.task.steps)
+    stats = learner_step(trainer.objective, trainer.optimizer, trainer.scheduler, tr, trainer.cfg.train, trainer.cfg.task.steps)
     assert stats.skipped
     assert all(torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
 

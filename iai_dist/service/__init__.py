@@ -1,0 +1,14 @@
+"""The Ray service: episode-worker actors feed a Ray Train learner that publishes its weights back.
+
+    runtime.py         connect to a cluster (RAY_ADDRESS, `ray job submit`) or start an embedded local Ray
+    episode_worker.py  EpisodeWorker actors (sample, roll out, inner-loss gradients) and the WeightBoard
+    learner_loop.py    the per-rank Train loop: bounded transition feed, staleness, DDP greedy step, reports
+    fit.py             the driver side: actors + TorchTrainer + checkpoints, one call per training
+
+Only this package (and the command lines) import Ray; the core it wraps imports torch only.
+"""
+
+from iai_dist.service.fit import FitResult, fit
+from iai_dist.service.runtime import ray_session
+
+__all__ = ["FitResult", "fit", "ray_session"]
