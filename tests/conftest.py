@@ -13,3 +13,17 @@ def _threads():
 def tiny_cfg():
     """A seconds-long config; tests add --set style overrides with `.with_overrides`."""
     return load_config("tiny", overrides=["tracking.enabled=false", "eval.one_step=false"])
+
+
+@pytest.fixture(scope="session")
+def ray_local():
+    """One real local Ray instance (loopback) shared by every test that needs Ray, shut down at the end."""
+    import os
+
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
