@@ -64,8 +64,9 @@ def fit_on_ray(cfg: ExperimentConfig, out_dir: Path, tracker: Tracker, label: st
     result = fit(cfg, out_dir, tracker.logger, label, prefix)
     model, _ = load_for_eval(result.checkpoint, [], "cpu")
     restarted = [w["index"] for w in result.workers if w["restarted"]]
+    nodes = set(result.service.get("learner_nodes", [])) | {w["node"] for w in result.workers}
     info = {**result.service, "episodes": sum(result.cursors) * cfg.train.tasks_per_batch // cfg.distributed.num_workers,
-            "episode_cursors": result.cursors, "restarted_episode_workers": restarted}
+            "episode_cursors": result.cursors, "restarted_episode_workers": restarted, "nodes": len(nodes)}
     return model, info
 
 

@@ -156,7 +156,12 @@ def learner_loop(config: dict) -> dict:
             ray.train.report(metrics)  # every rank, the same number of times: it is a barrier
         last, last_step = time.perf_counter(), trainer.step
 
+    nodes = [ray.get_runtime_context().get_node_id()]
+    if world > 1:
+        nodes = [None] * world
+        dist.all_gather_object(nodes, ray.get_runtime_context().get_node_id())
     return {
+        "learner_nodes": nodes,
         "start_step": start_step,
         "steps": trainer.step,
         "skipped": trainer.skipped,
