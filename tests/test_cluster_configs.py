@@ -1,0 +1,68 @@
+"""The cluster launcher configs validate against Ray's own schema; deploy.yaml is a usable KubeRay RayJob."""
+
+import copy
+import json
+import shlex
+from pathlib import Path
+
+import jsonschema
+import pytest
+import ray.autoscaler
+import yaml
+from ray.autoscaler._private.util import prepare_config, validate_config
+
+from iai_dist.config import load_config
+from iai_dist.train import parse_args
+
+ROOT = Path(__file__).resolve().parents[1]
+SCHEMA = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+
+
+@pytest.mark.parametrize("name,provider", [("aws", "aws"), ("gcp", "gcp"), ("local", "local")])
+def test_launcher_config_validates_against_the_ray_schema(name, provider):
+    config = yaml.safe_load((ROOT / "cluster" / f"{name}.yaml").read_text())
+    jsonschema.validate(config, SCHEMA)
+    validate_config(prepare_config(copy.deepcopy(config)))  # what `ray up` runs before launching anything
+    assert config["provider"]["type"] == provider
+    assert config["docker"]["image"].endswith("iai-dist:latest")  # the image of cluster/Dockerfile
+    if provider != "local":
+        worker = config["available_node_types"]["gpu_worker"]["node_config"]
+        assert "g5" in worker.get("InstanceType", "") or worker.get("guestAccelerators")
+
+
+def test_container_recipe_installs_the_project_on_the_pinned_ray():
+    recipe = (ROOT / "cluster" / "Dockerfile").read_text()
+    pin = next(line for line in (ROOT / "pyproject.toml").read_text().splitlines() if "ray[" in line)
+    assert "FROM rayproject/ray:2.60.0-" in recipe and "2.60.0" in pin
+    assert "pip install --no-cache-dir ." in recipe
+
+
+def test_deploy_yaml_is_a_rayjob_with_head_gpu_workers_mlflow_and_shared_storage():
+    docs = list(yaml.safe_load_all((ROOT / "deploy.yaml").read_text()))
+    job = next(d for d in docs if d["kind"] == "RayJob")
+    assert job["apiVersion"] == "ray.io/v1"
+    argv = shlex.split(job["spec"]["entrypoint"])
+    assert argv[:3] == ["python", "-m", "iai_dist.train"]
+    args = parse_args(argv[3:])
+    cfg = load_config(args.preset, args.config, args.overrides)  # the entrypoint's config is valid
+    assert cfg.distributed.use_gpu and cfg.distributed.num_workers >= 1
+
+    spec = job["spec"]["rayClusterSpec"]
+    head = spec["headGroupSpec"]["template"]["spec"]
+    groups = spec["workerGroupSpecs"]
+    gpu = [g for g in groups if "nvidia.com/gpu" in g["template"]["spec"]["containers"][0]["resources"]["limits"]]
+    assert gpu, "no worker group asks for GPUs"
+    pods = [head] + [g["template"]["spec"] for g in groups]
+    for pod in pods:
+        container = pod["containers"][0]
+        assert any(e["name"] == "MLFLOW_TRACKING_URI" for e in container["env"])
+        mounts = {m["mountPath"] for m in container["volumeMounts"]}
+        assert cfg.tracking.runs_dir.startswith(tuple(mounts)), "checkpoints must go to the shared volume"
+        claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v]
+        assert claims == ["iai-dist-shared"]
+    pvc = next(d for d in docs if d["kind"] == "PersistentVolumeClaim")
+    assert pvc["metadata"]["name"] == "iai-dist-shared" and "ReadWriteMany" in pvc["spec"]["accessModes"]
+    # enough GPUs for what the entrypoint asks
+    d = cfg.distributed
+    gpus = sum(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) * g["replicas"] for g in gpu)
+    assert gpus >= d.num_workers + d.episode_workers * d.episode_worker_gpus
