@@ -1,8 +1,11 @@
 """Benchmarks: each prints a markdown table and writes JSON + markdown under --out (bench_results/).
 
     python -m iai_dist.bench quality    [--minutes M] [--settings a,b] : error vs baselines after M minutes of training
-    python -m iai_dist.bench throughput [--tasks 256] [--device D]     : learner steps/s, episodes/s, refinement steps/s
+    python -m iai_dist.bench learner    [--tasks 256] [--device D]     : learner steps/s, episodes/s, refinement steps/s
     python -m iai_dist.bench scaling    [--points 100,1000,10000]      : K-step refinement vs the one-step model
+    python -m iai_dist.bench throughput [--preset P] [--minutes M]     : Ray service: in process vs 1+1 vs 2+2 workers
+    python -m iai_dist.bench memory     [--at 5,30]                    : Ray service: RSS of driver and workers over a run
+The first three need torch only (they run on the GPU machine without Ray); the last two run the Ray service.
 """
 
 from __future__ import annotations
@@ -119,7 +122,7 @@ def quality(args) -> None:
     write(Path(args.out), "quality", {"minutes": args.minutes, "settings": results, "reference": REFERENCE}, table)
 
 
-def throughput(args) -> None:
+def learner(args) -> None:
     """Learner steps on linreg-paper at --tasks tasks per step; eager vs torch.compile where asked."""
     device = resolve_device(args.device)
     rows = []
@@ -144,7 +147,7 @@ def throughput(args) -> None:
     head = "| setting | device | compile | tasks/step | learner steps/s | episodes/s | refinement steps/s |\n|---|---|---|---|---|---|---|"
     lines = [f"| {r['setting']} | {r['device']} | {r['compile']} | {r['tasks']} | {r['learner_steps_per_s']:.2f} | "
              f"{r['episodes_per_s']:.0f} | {r['refinement_steps_per_s']:.0f} |" for r in rows]
-    write(Path(args.out), f"throughput-{device.type}", {"rows": rows}, "\n".join([head, *lines]))
+    write(Path(args.out), f"learner-{device.type}", {"rows": rows}, "\n".join([head, *lines]))
 
 
 def _sync(device: torch.device) -> None:
@@ -206,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--settings", default="all", help=f"comma-separated, from: {', '.join(SETTINGS)}")
     q.add_argument("--episodes", type=int, default=1024)
     q.add_argument("--adam-max-steps", type=int, default=3000)
-    t = sub.add_parser("throughput")
+    t = sub.add_parser("learner")
     t.add_argument("--settings", default="linreg-paper/parametric/obs+grad")
     t.add_argument("--tasks", type=int, default=256)
     t.add_argument("--steps", type=int, default=10)
@@ -217,7 +220,16 @@ def main(argv: list[str] | None = None) -> None:
     s.add_argument("--points", default="100,1000,10000")
     s.add_argument("--tasks", type=int, default=8)
     s.add_argument("--device", default="auto")
-    for p in (q, t, s):
+    r = sub.add_parser("throughput")
+    r.add_argument("--preset", default="linreg-paper")
+    r.add_argument("--steps", type=int, default=80, help="learner steps per mode for the rates")
+    r.add_argument("--minutes", type=float, default=3.0, help="equal wall-clock budget of (a) and (c); 0 skips")
+    r.add_argument("--episodes", type=int, default=1024, help="held-out episodes scoring (a) and (c)")
+    m = sub.add_parser("memory")
+    m.add_argument("--preset", default="default")
+    m.add_argument("--at", default="5,30", help="minutes at which to report")
+    m.add_argument("--every", type=float, default=10.0, help="seconds between samples")
+    for p in (q, t, s, r, m):
         p.add_argument("--out", default="bench_results")
     one = sub.add_parser("_scaling_one")
     one.add_argument("mode")
@@ -230,7 +242,12 @@ def main(argv: list[str] | None = None) -> None:
         return
     if args.bench == "quality" and args.one_step_minutes is None:
         args.one_step_minutes = args.minutes
-    {"quality": quality, "throughput": throughput, "scaling": scaling}[args.bench](args)
+    if args.bench in ("throughput", "memory"):
+        from iai_dist.service import bench as service_bench  # Ray only where the benchmark needs it
+
+        getattr(service_bench, args.bench)(args)
+        return
+    {"quality": quality, "learner": learner, "scaling": scaling}[args.bench](args)
 
 
 if __name__ == "__main__":

@@ -18,12 +18,22 @@ def test_quality_bench_writes_table_and_json(tmp_path, capsys):
     assert "DESIGN.md reference" in capsys.readouterr().out
 
 
-def test_throughput_and_scaling_benches(tmp_path):
-    bench.main(["throughput", "--tasks", "8", "--steps", "2", "--warmup", "1", "--device", "cpu", "--out", str(tmp_path)])
-    rows = json.loads((tmp_path / "throughput-cpu.json").read_text())["rows"]
+def test_learner_and_scaling_benches(tmp_path):
+    bench.main(["learner", "--tasks", "8", "--steps", "2", "--warmup", "1", "--device", "cpu", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "learner-cpu.json").read_text())["rows"]
     assert rows[0]["episodes_per_s"] > 0
     assert rows[0]["refinement_steps_per_s"] == pytest.approx(rows[0]["episodes_per_s"] * 10)
     bench.main(["scaling", "--points", "20", "--tasks", "2", "--device", "cpu", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "scaling.json").read_text())["rows"]
     assert [(r["mode"], r["steps"], r["batch"]) for r in rows] == [("k-step", 2, 10), ("one-step", 1, 20)]
     assert all(r["seconds"] > 0 for r in rows)
+
+
+def test_service_throughput_bench_compares_three_modes_and_equal_wall_clock(ray_local, tmp_path):
+    bench.main(["throughput", "--preset", "tiny", "--steps", "8", "--minutes", "0.05", "--episodes", "32",
+                "--out", str(tmp_path)])
+    data = json.loads((tmp_path / "throughput.json").read_text())
+    assert len(data["rates"]) == 3 and all(r["transitions_per_s"] > 0 for r in data["rates"].values())
+    (a, qa), (c, qc) = data["quality"].items()
+    assert a.startswith("(a)") and c.startswith("(c)") and len(qa["error_by_step"]) == 4
+    assert "(b)/(a) =" in (tmp_path / "throughput.md").read_text()

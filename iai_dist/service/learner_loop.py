@@ -97,7 +97,8 @@ def learner_loop(config: dict) -> dict:
     mine = {w: h for w, h in enumerate(config["episode_workers"]) if w % world == rank}
     feed = TransitionFeed(mine, {w: cursors[w] for w in mine}, d.prefetch)
 
-    # Counters since the last log step: [transitions, dropped transitions, idle seconds, lag sum, lag max]
+    # Counters since the last log step: [transitions, dropped transitions, idle seconds, lag sum, lag max];
+    # totals (returned) are the steady state: every log window after the first
     window = [0.0] * 5
     totals = {"transitions": 0.0, "dropped": 0.0, "idle_s": 0.0, "seconds": 0.0}
     begin = last = time.perf_counter()
@@ -133,10 +134,11 @@ def learner_loop(config: dict) -> dict:
             f"{prefix}staleness_mean": sums[3] / max(steps * world, 1),
             f"{prefix}staleness_max": lag_max,
         }
-        totals["transitions"] += sums[0]
+        if last_step > start_step:  # the first window holds start-up (first weights, compile): not steady state
+            totals["transitions"] += sums[0]
+            totals["idle_s"] += sums[2] / world
+            totals["seconds"] += seconds
         totals["dropped"] += sums[1]
-        totals["idle_s"] += sums[2] / world
-        totals["seconds"] += seconds
         service[f"{prefix}dropped_transitions"] = totals["dropped"]
         metrics: dict[str, float] = {}
         if rank == 0:

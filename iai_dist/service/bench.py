@@ -1,0 +1,195 @@
+"""Service benchmarks (python -m iai_dist.bench throughput | memory), side by side in one run.
+
+throughput: the same model trained (a) in process, (b) 1 learner + 1 episode worker, (c) 2 + 2 on Ray:
+transitions/s and learner idle % in the steady state, then (a) and (c) trained for the same wall-clock
+budget and scored on the same held-out episodes (what staleness costs).
+memory: one long `python -m iai_dist.train` run, the resident memory of the driver and of each worker.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import ray
+import torch
+
+from iai_dist.config import ExperimentConfig, load_config
+from iai_dist.evaluate import load_for_eval
+from iai_dist.rollout import make_transitions, refine
+from iai_dist.service.fit import fit
+from iai_dist.service.runtime import cpus_needed
+from iai_dist.training import Trainer
+
+
+def in_process_rate(cfg: ExperimentConfig, steps: int, warmup: int) -> dict:
+    """(a): rollouts and learner steps in one process. 'Idle' here is the share of time spent rolling out."""
+    trainer = Trainer(cfg)
+    for _ in range(warmup):
+        trainer.train_step()
+    rollout_s = 0.0
+    start = time.perf_counter()
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        transitions = make_transitions(trainer.model, trainer.next_episodes(), version=trainer.step)
+        rollout_s += time.perf_counter() - t0
+        trainer.learn(transitions)
+    seconds = time.perf_counter() - start
+    rows = steps * cfg.train.tasks_per_batch * cfg.task.steps
+    return {"transitions_per_s": rows / seconds, "steps_per_s": steps / seconds,
+            "learner_idle_pct": 100 * rollout_s / seconds, "staleness": 0.0, "dropped": 0}
+
+
+def service_rate(cfg: ExperimentConfig, run_dir: Path) -> dict:
+    """(b), (c): a Ray fit; the learner's own steady-state figures (every log window after the first)."""
+    result = fit(cfg, run_dir)
+    s = result.service
+    steps = s["steps"] - s["start_step"] - cfg.train.log_every
+    return {"transitions_per_s": s["transitions"] / s["seconds"], "steps_per_s": steps / s["seconds"],
+            "learner_idle_pct": s["learner_idle_pct"], "dropped": s["dropped"]}
+
+
+def heldout_error(checkpoint: Path, episodes: int) -> list[float]:
+    model, cfg = load_for_eval(checkpoint, [], "cpu")
+    ep = model.family.sample(cfg.eval.seed, torch.arange(episodes))
+    terms = torch.stack(refine(model, ep)).sum(-1)
+    return (100 * terms[:, 0] / terms[:, 1]).tolist()
+
+
+def throughput(args) -> None:
+    from iai_dist.bench import write  # the shared table/JSON writer of the torch-only benchmarks
+
+    base = load_config(args.preset, overrides=["tracking.enabled=false", "eval.monitor_episodes=0",
+                                               f"train.log_every={args.steps // 4}", "train.checkpoint_every=100000"])
+    share = {"distributed.learner_cpus": 1.0, "distributed.episode_worker_cpus": 1.0}
+    modes = {"(a) in process": {}, "(b) 1 learner + 1 episode worker": {"distributed.num_workers": 1,
+             "distributed.episode_workers": 1, **share},
+             "(c) 2 learners + 2 episode workers": {"distributed.num_workers": 2, "distributed.episode_workers": 2, **share}}
+    out = Path(args.out).resolve()
+    runs = out / f"throughput-runs-{time.strftime('%Y%m%d-%H%M%S')}"
+    needed = max(cpus_needed(base.with_overrides(m)) for m in modes.values() if m)
+    own_ray = not ray.is_initialized()
+    if own_ray:
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, needed), log_to_driver=False)
+    try:
+        rates = {}
+        for name, sets in modes.items():
+            cfg = base.with_overrides({**sets, "train.max_steps": args.steps})
+            print(f"== {name}: {args.steps} learner steps", flush=True)
+            if sets:
+                rates[name] = service_rate(cfg, runs / f"rate-{len(rates)}")
+            else:
+                rates[name] = in_process_rate(cfg, args.steps, args.steps // 4)
+            print(f"   {json.dumps({k: round(v, 2) for k, v in rates[name].items()})}", flush=True)
+        a, b, c = rates.values()
+        quality = {}
+        if args.minutes > 0:
+            for name in (list(modes)[0], list(modes)[2]):
+                steps = max(20, int(rates[name]["steps_per_s"] * args.minutes * 60))
+                cfg = base.with_overrides({**modes[name], "train.max_steps": steps,
+                                           "train.warmup_steps": min(base.train.warmup_steps, steps // 10)})
+                print(f"== {name}: {args.minutes} min of training = {steps} learner steps at its measured rate", flush=True)
+                t0 = time.perf_counter()
+                if modes[name]:
+                    checkpoint = fit(cfg, runs / f"quality-{len(quality)}").checkpoint
+                else:
+                    checkpoint = runs / "quality-a.pt"
+                    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+                    trainer = Trainer(cfg)
+                    while trainer.step < steps:
+                        trainer.train_step()
+                    trainer.save(checkpoint)
+                seconds = time.perf_counter() - t0
+                errors = heldout_error(checkpoint, args.episodes)
+                quality[name] = {"steps": steps, "seconds": seconds, "error_by_step": errors}
+                print(f"   {seconds:.0f}s wall; held-out error after step K: {errors[-1]:.3g}%", flush=True)
+    finally:
+        if own_ray:
+            ray.shutdown()
+
+    k = base.task.steps
+    head = ("| mode | transitions/s | learner steps/s | learner idle % | dropped (stale) | x (a) |\n"
+            "|---|---|---|---|---|---|")
+    lines = [f"| {n} | {r['transitions_per_s']:.0f} | {r['steps_per_s']:.2f} | {r['learner_idle_pct']:.1f} | "
+             f"{r['dropped']:.0f} | {r['transitions_per_s'] / a['transitions_per_s']:.2f} |" for n, r in rates.items()]
+    table = "\n".join([head, *lines])
+    table += (f"\n\n(a) idle % is the share of time the single process spends rolling out. Preset {args.preset}, "
+              f"{base.train.tasks_per_batch} tasks per learner step, {args.steps} steps per mode (steady state "
+              f"after the first {args.steps // 4}).\n\n(b)/(a) = {b['transitions_per_s'] / a['transitions_per_s']:.2f} "
+              f"(target >= 0.8); learner idle in (c) = {c['learner_idle_pct']:.1f}% (target < 10%).")
+    if quality:
+        qa, qc = quality.values()
+        cols = sorted({1, 2, 5, k} & set(range(1, k + 1)))
+        table += ("\n\n| equal wall clock | learner steps | seconds | " + " | ".join(f"step {s}" for s in cols)
+                  + " |\n|---|---|---|" + "---|" * len(cols) + "\n")
+        table += "\n".join(f"| {n} | {q['steps']} | {q['seconds']:.0f} | "
+                           + " | ".join(f"{q['error_by_step'][s]:.3g}" for s in cols) + " |" for n, q in quality.items())
+        ratio = qc["error_by_step"][k] / qa["error_by_step"][k]
+        table += (f"\n\n{args.minutes} min of training each (start-up excluded), {args.episodes} held-out episodes; "
+                  f"(c)/(a) error after step {k} = {ratio:.2f} (target <= 1.10)")
+    write(out, "throughput", {"preset": args.preset, "steps": args.steps, "rates": rates, "quality": quality,
+                               "minutes": args.minutes}, table)
+
+
+def memory(args) -> None:
+    """Resident memory of a long main-job run: driver, learners, episode workers, at the asked minutes."""
+    import psutil
+
+    from iai_dist.bench import write
+
+    out = Path(args.out).resolve()
+    name = f"memory-{time.strftime('%Y%m%d-%H%M%S')}"
+    cmd = [sys.executable, "-m", "iai_dist.train", "--preset", args.preset, "--set", f"tracking.runs_dir={out / 'memory-runs'}",
+           "--set", f"tracking.run_name={name}", "--set", "train.max_steps=100000000", "--set", "eval.one_step=false"]
+    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+    log = (out / f"{name}.log")
+    out.mkdir(parents=True, exist_ok=True)
+    marks = sorted(float(m) for m in args.at.split(","))
+    samples, peaks = [], {}
+    with log.open("w") as f:
+        driver = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        start = time.monotonic()
+        try:
+            for mark in marks:
+                while time.monotonic() - start < mark * 60:
+                    time.sleep(args.every)
+                    now = _rss_by_role(psutil.Process(driver.pid))
+                    for role, rss in now.items():
+                        peaks[role] = max(peaks.get(role, 0), rss)
+                    if driver.poll() is not None:
+                        raise RuntimeError(f"the training run ended early; see {log}")
+                samples.append({"minutes": mark, "rss_mib": now, "peak_mib": dict(peaks)})
+                print(f"{mark:5.1f} min: " + ", ".join(f"{r} {v:.0f} MiB (peak {peaks[r]:.0f})" for r, v in now.items()),
+                      flush=True)
+        finally:
+            os.killpg(driver.pid, signal.SIGINT)  # the driver shuts its Ray down on the way out
+            try:
+                driver.wait(120)
+            except subprocess.TimeoutExpired:
+                os.killpg(driver.pid, signal.SIGKILL)
+    roles = list(samples[0]["rss_mib"])
+    head = "| minutes | " + " | ".join(f"{r} RSS / peak (MiB)" for r in roles) + " |\n|---|" + "---|" * len(roles)
+    lines = [f"| {s['minutes']:g} | " + " | ".join(f"{s['rss_mib'].get(r, 0):.0f} / {s['peak_mib'].get(r, 0):.0f}"
+                                                   for r in roles) + " |" for s in samples]
+    write(out, "memory", {"preset": args.preset, "samples": samples, "log": str(log)},
+          "\n".join([head, *lines]) + f"\n\npython -m iai_dist.train --preset {args.preset}; log: {log}")
+
+
+def _rss_by_role(driver) -> dict[str, float]:
+    """MiB per process role: the driver, then one learner (rank 0's process) and one episode worker."""
+    roles = {"driver": driver.memory_info().rss}
+    for proc in driver.children(recursive=True):
+        try:
+            title = " ".join(proc.cmdline())
+            rss = proc.memory_info().rss
+        except Exception:  # a process that just ended
+            continue
+        for role, tag in (("learner", "RayTrainWorker"), ("episode worker", "EpisodeWorker")):
+            if tag in title and role not in roles:
+                roles[role] = rss
+    return {role: rss / 2**20 for role, rss in roles.items()}
