@@ -8,6 +8,7 @@ from it, and on schedule publish weights (rank 0), log (rank 0) and report / che
 
 from __future__ import annotations
 
+import logging
 import sys
 import tempfile
 import time
@@ -64,6 +65,8 @@ class TransitionFeed:
 
 def learner_loop(config: dict) -> dict:
     """Ray Train's train_loop_per_worker. Returns (rank 0) the service figures of this attempt."""
+    # Ray Train logs each report at INFO under a logger named by file path, outside its own log-level filter
+    logging.getLogger().setLevel(logging.WARNING)
     cfg = validate(config["config"], "learner config")
     tc, d, k = cfg.train, cfg.distributed, cfg.task.steps
     ctx = ray.train.get_context()
