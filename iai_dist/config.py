@@ -173,6 +173,11 @@ class ExperimentConfig(_Section):
                 f"distributed.episode_workers ({d.episode_workers}) must be at least distributed.num_workers "
                 f"({d.num_workers}): every learner rank is fed by its own episode workers"
             )
+        if d.max_staleness < d.sync_every - 1:
+            raise ValueError(
+                f"distributed.max_staleness ({d.max_staleness}) must be at least distributed.sync_every - 1 "
+                f"({d.sync_every - 1}): between publications every transition would be too old to learn from"
+            )
         if self.train.tasks_per_batch % d.num_workers:
             raise ValueError(
                 f"train.tasks_per_batch ({self.train.tasks_per_batch}) must be a multiple of "
