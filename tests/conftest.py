@@ -9,6 +9,12 @@ def _threads():
     torch.set_num_threads(2)
 
 
+@pytest.fixture(autouse=True)
+def _own_tracking_uri(monkeypatch):
+    """mlflow.set_tracking_uri exports MLFLOW_TRACKING_URI: never let one test's store leak into the next."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+
+
 @pytest.fixture
 def tiny_cfg():
     """A seconds-long config; tests add --set style overrides with `.with_overrides`."""

@@ -4,7 +4,6 @@ import json
 import sys
 from pathlib import Path
 
-import mlflow
 import pytest
 import ray
 import torch
@@ -46,8 +45,8 @@ def test_two_learners_two_episode_workers_learn_and_survive_a_killed_worker(ray_
     cfg = tiny_cfg.with_overrides({**SERVICE, "distributed.num_workers": 2, "distributed.episode_workers": 2,
                                    "train.max_steps": 40, "train.log_every": 5, "train.checkpoint_every": 20})
     run_dir = tmp_path / "killed"
-    mlflow.set_tracking_uri(_sqlite(tmp_path / "mlflow.db"))
-    run_id = MlflowClient().create_run(MlflowClient().create_experiment("service")).info.run_id
+    client = MlflowClient(_sqlite(tmp_path / "mlflow.db"))
+    run_id = client.create_run(client.create_experiment("service")).info.run_id
     hook = lambda rank, step: _kill_episode_worker(episode_worker_name(run_dir, "refiner", 1), 8, rank, step)  # noqa: E731
 
     result = fit(cfg, run_dir, RunLogger(_sqlite(tmp_path / "mlflow.db"), run_id), on_step=hook)
@@ -59,7 +58,6 @@ def test_two_learners_two_episode_workers_learn_and_survive_a_killed_worker(ray_
     # incarnation made fewer batches than were consumed from the slice
     assert 0 < by_index[1]["batches_this_incarnation"] < result.cursors[1]
     assert sum(result.cursors) * 16 >= 40 * 32  # each rank takes one 16-episode batch per step
-    client = MlflowClient()
     k = cfg.task.steps
     heldout = [m.value for m in client.get_metric_history(run_id, f"train/heldout_error/step_{k}")]
     assert len(heldout) == 8 and heldout[-1] < 0.7 * heldout[0]  # learning, on fixed held-out episodes
