@@ -49,8 +49,8 @@ def service_rate(cfg: ExperimentConfig, run_dir: Path) -> dict:
     """(b), (c): a Ray fit; the learner's own steady-state figures (every log window after the first)."""
     result = fit(cfg, run_dir)
     s = result.service
-    steps = s["steps"] - s["start_step"] - cfg.train.log_every
-    return {"transitions_per_s": s["transitions"] / s["seconds"], "steps_per_s": steps / s["seconds"],
+    steps, seconds = s["steps"] - s["start_step"] - cfg.train.log_every, max(s["seconds"], 1e-9)
+    return {"transitions_per_s": s["transitions"] / seconds, "steps_per_s": steps / seconds,
             "learner_idle_pct": s["learner_idle_pct"], "dropped": s["dropped"]}
 
 
