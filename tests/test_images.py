@@ -3,6 +3,7 @@ Debian's package is installed): episodes, label permutation, balance, reproducib
 
 import gzip
 import json
+import pickle
 import struct
 from pathlib import Path
 
@@ -132,6 +133,15 @@ def test_data_is_loaded_once_per_process(idx_root):
     build_family(cfg.with_overrides({"task.num_classes": 5}).task)
     assert images.LOADS == after_build
     assert fam.pools["train"].images.dtype == torch.uint8
+
+
+def test_a_family_pickles_as_its_config(idx_root):
+    """Workers in other processes rebuild it (and load the data there once) instead of receiving the images."""
+    fam = build_family(image_cfg(idx_root).task)
+    blob = pickle.dumps(fam)
+    assert len(blob) < 20_000
+    again = pickle.loads(blob)
+    assert torch.equal(again.sample(1, torch.arange(3)).x, fam.sample(1, torch.arange(3)).x)
 
 
 def test_preprocessing_resize_normalize_project(idx_root):

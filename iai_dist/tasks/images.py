@@ -100,6 +100,11 @@ class ImageClassification(TaskFamily):
         self._on_device: dict[tuple[str, str], Pool] = {}
         self._projection: dict[str, torch.Tensor] = {}
 
+    def __reduce__(self):
+        """Pickled as its config: a worker process (a Ray actor) rebuilds the family and loads the data once
+        there, instead of receiving the images inside every message."""
+        return type(self), (self.cfg,)
+
     # -- loading: once per process for each (data set, root, split, size, grayscale) --
     def _pool(self, split: str) -> Pool:
         im = self.cfg.image
@@ -127,6 +132,8 @@ class ImageClassification(TaskFamily):
 
     # -- sampling --
     def sample(self, seed, indices, num_batches=None, device="cpu", split="train") -> Episode:
+        """As TaskFamily.sample, from `split`'s images; truth holds the data-set classes behind the labels
+        ([T, N]) and the pool rows drawn (for tests)."""
         k = self.cfg.steps if num_batches is None else num_batches
         b, q, n = self.cfg.batch_size, self.cfg.query_size, self.cfg.num_classes
         pool = self._pool_on(split, device)
@@ -265,8 +272,8 @@ class _IDXImages(ImageClassification):
             images, labels = (self.raw / f for f in IDX_FILES[s])
             di, dl = idx_header(images), idx_header(labels)
             if len(di) != 3 or len(dl) != 1 or di[0] != dl[0]:
-                raise DataError(f"{images} and {labels} are corrupt or mismatched: {di} images, {dl} labels "
-                                f"(expected n x 28 x 28 and n); {self.provide_hint(self.root)}")
+                raise DataError(f"{images} and {labels} are corrupt or mismatched: shapes {list(di)} and {list(dl)} "
+                                f"(expected [n, rows, cols] images and [n] labels); {self.provide_hint(self.root)}")
 
     def _read(self, split: str):
         import torchvision
