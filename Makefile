@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 PRESET ?= default
 ARGS ?=
 
-.PHONY: train test bench clean
+.PHONY: train test bench clean fashion-mnist-deb fashion-mnist
 
 # The venv is rebuilt when pyproject.toml changes; the project is installed editable.
 $(VENV)/.installed: pyproject.toml
@@ -17,11 +17,23 @@ $(VENV)/.installed: pyproject.toml
 train: $(VENV)/.installed
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(PY) -m iai_dist.train --preset $(PRESET) $(ARGS)
 
-test: $(VENV)/.installed
+test: $(VENV)/.installed fashion-mnist-deb
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(PY) -m pytest tests $(ARGS)
 
 bench: $(VENV)/.installed
 	$(PY) -m iai_dist.bench quality $(ARGS)
+
+# Real Fashion-MNIST offline: Debian's dataset-fashion-mnist (four .gz IDX files). `make test` installs it
+# where it can (root with apt-get); the tests that read it skip only when it is absent.
+FASHION_DEB := /usr/share/datasets/fashion-mnist
+fashion-mnist-deb:
+	@test -d $(FASHION_DEB) || { command -v apt-get >/dev/null && [ "$$(id -u)" = 0 ] \
+	  && { apt-get install -y -q dataset-fashion-mnist >/dev/null || { apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist >/dev/null; }; } \
+	  || echo "note: could not install dataset-fashion-mnist (needs root and apt-get); tests on real Fashion-MNIST will skip"; }
+
+# ... staged into the layout torchvision reads, under task.image.root's default (~/.cache/iai_dist/data).
+fashion-mnist: $(VENV)/.installed fashion-mnist-deb
+	$(PY) -m iai_dist.data stage fashion_mnist --from $(FASHION_DEB)
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -27,6 +27,25 @@ class _Section(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
 
+class ImageConfig(_Section):
+    """Image families only (digits, mnist, fashion_mnist, kmnist, cifar10): where the data lies and how an image
+    becomes the feature vector x. Each process loads a data set once; episodes are drawn from memory."""
+
+    # torchvision's layout under root: MNIST/raw/, FashionMNIST/raw/, KMNIST/raw/, cifar-10-batches-py/
+    # (`python -m iai_dist.data stage ...` puts IDX files there); '~' is expanded; digits needs none
+    root: str = "~/.cache/iai_dist/data"
+    download: bool = False  # let torchvision fetch missing files (needs the network; never implied)
+    size: PositiveInt = 28  # every image is resized to size x size at load, so data sets can be swapped
+    grayscale: bool = True  # colour data sets (cifar10) become one channel
+    # none: pixels in [0, 1]; dataset: standardised by the train split's pixel mean and std; image: each
+    # image to zero mean and unit variance (puts data sets with different contrast on one scale)
+    normalize: Literal["none", "dataset", "image"] = "dataset"
+    # flatten: x is the size*size*channels pixels (task.dim must equal that); projection: a fixed random
+    # Gaussian map of the flattened pixels to task.dim features, the same for every data set of that shape
+    features: Literal["flatten", "projection"] = "flatten"
+    projection_seed: int = Field(0, ge=0)
+
+
 class TaskConfig(_Section):
     """The task family and the shape of an episode: K mini-batches of B context points + a query set."""
 
@@ -39,6 +58,7 @@ class TaskConfig(_Section):
     steps: PositiveInt = 10  # K: refinement steps = mini-batches per episode
     batch_size: PositiveInt = 10  # B: points per mini-batch
     query_size: PositiveInt = 100  # points in the query set D_valid
+    image: ImageConfig = ImageConfig()  # image families only
 
     @field_validator("family")
     @classmethod
@@ -48,6 +68,14 @@ class TaskConfig(_Section):
         if family not in FAMILIES:
             raise ValueError(f"unknown task family {family!r}; known: {', '.join(sorted(FAMILIES))}")
         return family
+
+    @model_validator(mode="after")
+    def _family_accepts(self) -> "TaskConfig":
+        """The family's own checks (an image family: task.dim against the image features, N against its classes)."""
+        from iai_dist.tasks import FAMILIES
+
+        FAMILIES[self.family].check_config(self)
+        return self
 
 
 class RegimeConfig(_Section):
@@ -289,9 +317,15 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
 def flatten(cfg: ExperimentConfig) -> dict[str, Any]:
     """{'train.lr': 0.001, ...}: for MLflow params and readable diffs."""
     out: dict[str, Any] = {}
-    for section, values in cfg.model_dump().items():
+
+    def walk(prefix: str, values: dict[str, Any]) -> None:
         for key, value in values.items():
-            out[f"{section}.{key}"] = value
+            if isinstance(value, dict):
+                walk(f"{prefix}{key}.", value)  # nested sections: task.image.size
+            else:
+                out[f"{prefix}{key}"] = value
+
+    walk("", cfg.model_dump())
     return out
 
 

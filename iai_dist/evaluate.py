@@ -30,7 +30,8 @@ def evaluate(
     family, ec, k = model.family, cfg.eval, cfg.task.steps
     horizon = ec.horizon * k
     fn = baselines.natural_fn(family, cfg.regime.hidden)
-    select = family.sample(ec.seed + 1, torch.arange(ec.lr_select_episodes), num_batches=k, device=device)
+    # learning rates are picked on training data (finite data sets: the train split), never on the test split
+    select = family.sample(ec.seed + 1, torch.arange(ec.lr_select_episodes), num_batches=k, device=device, split="train")
     lrs = {opt: baselines.select_lr(family, fn, select, k, opt, ec.lr_grid) for opt in ("adam", "sgd")}
 
     sums: dict[str, torch.Tensor] = {}
@@ -46,7 +47,7 @@ def evaluate(
         one_step.eval()
     for start in range(0, ec.episodes, ec.batch_tasks):
         idx = torch.arange(start, min(start + ec.batch_tasks, ec.episodes))
-        ep = family.sample(ec.seed, idx, num_batches=horizon, device=device)
+        ep = family.sample(ec.seed, idx, num_batches=horizon, device=device, split="test")
         add("refiner", refine(model, ep, horizon))
         add("bayes_optimal", baselines.bayes_optimal(family, ep, horizon))
         for opt in ("adam", "sgd"):

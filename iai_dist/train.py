@@ -18,6 +18,7 @@ from pathlib import Path
 from iai_dist.config import ConfigError, ExperimentConfig, load_config, preset_names, to_yaml
 from iai_dist.evaluate import evaluate, format_table, load_for_eval
 from iai_dist.learner import StepStats
+from iai_dist.tasks import build_family
 from iai_dist.tracking import Tracker, plot_errors
 from iai_dist.training import (
     CheckpointError, Trainer, TrainingDiverged, check_resumable, progress_line, resolve_device, step_metrics, train,
@@ -119,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config(args.preset, args.config, args.overrides)
+        build_family(cfg.task)  # missing or broken image data stops here, before any work (and is loaded once)
         run_dir = prepare_run_dir(cfg, args.preset or (None if args.config else "default"))
     except (ConfigError, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)

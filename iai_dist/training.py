@@ -107,7 +107,7 @@ class Trainer:
         if n == 0:
             return []
         if self._heldout is None:
-            self._heldout = self.family.sample(self.cfg.eval.seed + 2, torch.arange(n), device=self.device)
+            self._heldout = self.family.sample(self.cfg.eval.seed + 2, torch.arange(n), device=self.device, split="test")
         self.model.eval()
         terms = torch.stack(refine(self.model, self._heldout)[1:]).sum(-1)  # [K, 2]
         return (100.0 * terms[:, 0] / terms[:, 1]).tolist()

@@ -56,7 +56,7 @@ def service_rate(cfg: ExperimentConfig, run_dir: Path) -> dict:
 
 def heldout_error(checkpoint: Path, episodes: int) -> list[float]:
     model, cfg = load_for_eval(checkpoint, [], "cpu")
-    ep = model.family.sample(cfg.eval.seed, torch.arange(episodes))
+    ep = model.family.sample(cfg.eval.seed, torch.arange(episodes), split="test")
     terms = torch.stack(refine(model, ep)).sum(-1)
     return (100 * terms[:, 0] / terms[:, 1]).tolist()
 

@@ -65,6 +65,10 @@ class TaskFamily:
     def __init__(self, cfg: TaskConfig):
         self.cfg = cfg
 
+    @classmethod
+    def check_config(cls, cfg: TaskConfig) -> None:
+        """Raise ValueError (one line for the user) for settings this family cannot run; called at config time."""
+
     @property
     def x_dim(self) -> int:
         return self.cfg.dim
@@ -75,9 +79,18 @@ class TaskFamily:
         return 1 if self.kind == "regression" else self.cfg.num_classes
 
     def sample(
-        self, seed: int, indices: torch.Tensor, num_batches: int | None = None, device: torch.device | str = "cpu"
+        self,
+        seed: int,
+        indices: torch.Tensor,
+        num_batches: int | None = None,
+        device: torch.device | str = "cpu",
+        split: Literal["train", "test"] = "train",
     ) -> Episode:
-        """Episodes `indices` of the stream `seed`; `num_batches` defaults to K (evaluation asks for more)."""
+        """Episodes `indices` of the stream `seed`; `num_batches` defaults to K (evaluation asks for more).
+
+        `split`: evaluation asks for 'test' (held-out data); families with a finite data set (images) draw
+        from that split, synthetic families have fresh tasks for every seed and ignore it.
+        """
         k = self.cfg.steps if num_batches is None else num_batches
         rng = EpisodeRNG(seed, indices, device)
         n, q, d = k * self.cfg.batch_size, self.cfg.query_size, self.cfg.dim

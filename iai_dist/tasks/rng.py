@@ -66,3 +66,30 @@ class EpisodeRNG:
 
     def gumbel(self, stream: str, shape: tuple[int, ...]) -> torch.Tensor:
         return -torch.log(-torch.log(self.uniform(stream, shape)))
+
+
+def permute(i: torch.Tensor, key: torch.Tensor, size: torch.Tensor, rounds: int = 4) -> torch.Tensor:
+    """A keyed pseudo-random bijection of range(size), elementwise (all three broadcast): distinct i < size
+    give distinct values < size. This draws without replacement from a pool (images of one class) with no
+    per-task shuffle of the pool and no loop over tasks.
+
+    A balanced Feistel network on the smallest even number of bits covering `size`, cycle-walked back into
+    range (at most a 4x larger domain, so a handful of passes; each pass is exact integer arithmetic).
+    """
+    i, key, size = torch.broadcast_tensors(i, key, size)
+    if bool((i >= size).any()):
+        raise ValueError("permute: every i must be below its size")  # its cycle might never come back in range
+    half = ((torch.log2(size.clamp_min(2).double()).ceil().long() + 1) // 2).clamp_min(1)
+    mask = (1 << half) - 1
+    keys = [_mix32((key + r * 0x9E3779B9) & _M32) for r in range(rounds)]
+
+    def feistel(x: torch.Tensor) -> torch.Tensor:
+        left, right = x >> half, x & mask
+        for k in keys:
+            left, right = right, left ^ (_mix32(right ^ k) & mask)
+        return (left << half) | right
+
+    out = feistel(i)
+    while bool((bad := out >= size).any()):
+        out = torch.where(bad, feistel(out), out)
+    return out

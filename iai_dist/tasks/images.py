@@ -1,0 +1,444 @@
+"""Image classification from real data sets: N-way tasks whose labels mean nothing across episodes.
+
+An episode picks N of the data set's classes at random and gives them the labels 0..N-1 in a random
+order, then draws K mini-batches of B images and a query set of Q images from one split (the training
+stream reads 'train', evaluation 'test'). Every mini-batch and the query set hold each label floor or
+ceil(B/N) times, in random order. Within an episode images are drawn without replacement: a query image
+is never in the context, and a context image repeats only once its class has no unused image left.
+
+Data: torchvision's loaders (MNIST, FashionMNIST, KMNIST, CIFAR10) read `task.image.root` and download
+only when `task.image.download` is set; scikit-learn ships the 8x8 handwritten digits. A process loads a
+(data set, split, size) once into uint8 tensors and every episode gathers from memory. As for the
+synthetic families, an episode is a pure function of (seed, index): class choice, label order and image
+choice all come from the counter-based EpisodeRNG.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import struct
+import tarfile
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from iai_dist.config import ConfigError, TaskConfig
+from iai_dist.tasks.base import Episode, TaskFamily, register
+from iai_dist.tasks.rng import EpisodeRNG, permute
+
+SPLITS = ("train", "test")
+IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+DEBIAN_FASHION = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist: the four .gz files
+DIGITS_TEST = 360  # scikit-learn's digits have no split: the last 360 of the 1,797 images are the test split
+LOADS: Counter = Counter()  # (family, split) -> reads from disk in this process (tests: never per episode)
+
+
+class DataError(ConfigError):
+    """Image data that is missing or broken: one line naming the root, the files and the command that fixes it."""
+
+
+@dataclass
+class Pool:
+    """One split of a data set in memory: uint8 images grouped by class (class c is rows start[c]:start[c]+count[c])."""
+
+    images: torch.Tensor  # [n, channels, size, size] uint8
+    labels: torch.Tensor  # [n] int64, non-decreasing
+    start: torch.Tensor  # [classes]
+    count: torch.Tensor  # [classes]
+    mean: float  # pixel mean and std in [0, 1] units (from a histogram of the uint8 values: exact)
+    std: float
+
+    def to(self, device) -> "Pool":
+        move = lambda t: t.to(device)  # noqa: E731
+        return Pool(move(self.images), move(self.labels), move(self.start), move(self.count), self.mean, self.std)
+
+
+_POOLS: dict[tuple, Pool] = {}  # the process-wide cache behind "loads once"
+
+
+class ImageClassification(TaskFamily):
+    """Subclasses name the data set; `_read(split)` returns (uint8 images [n, c, h, w], int64 labels [n])."""
+
+    kind = "classification"
+    natural_model = "linear"  # softmax-linear on the features, for the baselines
+    classes: ClassVar[int] = 10
+    channels: ClassVar[int] = 1
+    needs_root: ClassVar[bool] = True  # false for data shipped inside a package (digits)
+
+    @classmethod
+    def check_config(cls, cfg: TaskConfig) -> None:
+        im = cfg.image
+        if cfg.num_classes > cls.classes:
+            raise ValueError(f"task.num_classes={cfg.num_classes}: {cls.name} has {cls.classes} classes, "
+                             f"so N-way tasks need N <= {cls.classes}")
+        channels = 1 if im.grayscale else cls.channels
+        pixels = im.size * im.size * channels
+        if im.features == "flatten" and cfg.dim != pixels:
+            raise ValueError(f"task.dim={cfg.dim} does not match {cls.name} images flattened at {im.size}x{im.size}"
+                             f"x{channels} ({pixels} features); set task.dim={pixels}, or "
+                             "task.image.features=projection to project them to task.dim")
+
+    def __init__(self, cfg: TaskConfig):
+        super().__init__(cfg)
+        self.root = Path(cfg.image.root).expanduser().resolve()
+        per_class_query = -(-cfg.query_size // cfg.num_classes)
+        self.pools = {split: self._pool(split) for split in SPLITS}
+        for split, pool in self.pools.items():
+            smallest = int(pool.count.min())
+            if smallest <= per_class_query:
+                raise DataError(
+                    f"{self.name}: task.query_size={cfg.query_size} puts {per_class_query} images of each class in "
+                    f"the query set, but the {split} split's smallest class has {smallest} images (and the context "
+                    "needs at least one more); lower task.query_size")
+        self._on_device: dict[tuple[str, str], Pool] = {}
+        self._projection: dict[str, torch.Tensor] = {}
+
+    def __reduce__(self):
+        """Pickled as its config: a worker process (a Ray actor) rebuilds the family and loads the data once
+        there, instead of receiving the images inside every message."""
+        return type(self), (self.cfg,)
+
+    # -- loading: once per process for each (data set, root, split, size, grayscale) --
+    def _pool(self, split: str) -> Pool:
+        im = self.cfg.image
+        key = (self.name, str(self.root) if self.needs_root else "", split, im.size, im.grayscale)
+        if key not in _POOLS:
+            if im.download and self.needs_root:
+                self._download()
+            self._check_files(split)
+            images, labels = self._read(split)
+            LOADS[(self.name, split)] += 1
+            _POOLS[key] = _to_pool(images, labels, self.classes, im.size, im.grayscale, self._where(split))
+        return _POOLS[key]
+
+    def _read(self, split: str) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+    def _check_files(self, split: str) -> None:
+        """Raise DataError for missing or corrupt files before torchvision reads them."""
+
+    def _download(self) -> None:
+        raise NotImplementedError
+
+    def _where(self, split: str) -> str:
+        return f"{self.name} {split} split under {self.root}"
+
+    # -- sampling --
+    def sample(self, seed, indices, num_batches=None, device="cpu", split="train") -> Episode:
+        """As TaskFamily.sample, from `split`'s images; truth holds the data-set classes behind the labels
+        ([T, N]) and the pool rows drawn (for tests)."""
+        k = self.cfg.steps if num_batches is None else num_batches
+        b, q, n = self.cfg.batch_size, self.cfg.query_size, self.cfg.num_classes
+        pool = self._pool_on(split, device)
+        rng = EpisodeRNG(seed, indices, device)
+        # label l of this episode stands for data-set class classes[:, l]: N classes, in random order
+        classes = rng.bits("classes", self.classes).argsort(dim=-1, stable=True)[:, :n]
+        # a mini-batch is (a random permutation of 0..B-1, plus a random offset) mod N: balanced, shuffled
+        order = rng.bits("label_order", k * b).view(-1, k, b).argsort(dim=-1, stable=True)
+        y = (order + rng.bits("label_offset", k).unsqueeze(-1)) % n  # [T, k, B]
+        yq = (torch.arange(q, device=rng.device) + rng.bits("query_offset", 1)) % n  # [T, Q]
+        # one pseudo-random order of each class's images per episode: the context reads it from the front,
+        # wrapping before the last ceil(Q/N) images, which the query set reads from the back
+        keys = rng.bits("image_order", n)  # [T, N]
+        reserved = -(-q // n)
+        y_flat = y.flatten(1)
+
+        def pick(labels: torch.Tensor, query: bool) -> torch.Tensor:
+            cls = classes.gather(1, labels)
+            count = pool.count[cls]
+            rank = _ranks(labels, n)
+            slot = count - 1 - rank if query else rank % (count - reserved)
+            return pool.start[cls] + permute(slot, keys.gather(1, labels), count)
+
+        idx, idx_q = pick(y_flat, False), pick(yq, True)
+        x = self._features(pool.images[idx], device).view(-1, k, b, self.cfg.dim)
+        xq = self._features(pool.images[idx_q], device)
+        truth = {"classes": classes, "image": idx.view(-1, k, b), "image_query": idx_q}
+        return Episode(x, y, xq, yq, truth)
+
+    def _pool_on(self, split: str, device) -> Pool:
+        key = (split, str(torch.device(device)))
+        if key not in self._on_device:
+            self._on_device[key] = self.pools[split].to(device)
+        return self._on_device[key]
+
+    def _features(self, images: torch.Tensor, device) -> torch.Tensor:
+        """uint8 [..., c, s, s] -> float features [..., dim]: scale, normalise, flatten or project."""
+        im = self.cfg.image
+        x = images.flatten(-3).to(torch.float32) / 255.0
+        if im.normalize == "dataset":
+            train = self.pools["train"]
+            x = (x - train.mean) / train.std
+        elif im.normalize == "image":
+            x = (x - x.mean(-1, keepdim=True)) / x.std(-1, keepdim=True).clamp_min(1e-3)
+        if im.features == "projection":
+            x = x @ self._projection_on(x.shape[-1], device)
+        return x
+
+    def _projection_on(self, pixels: int, device) -> torch.Tensor:
+        """The fixed random map: N(0, 1/pixels) entries from projection_seed, so every data set of one image
+        shape (and every process) gets the same one."""
+        key = str(torch.device(device))
+        if key not in self._projection:
+            g = torch.Generator().manual_seed(self.cfg.image.projection_seed)
+            self._projection[key] = (torch.randn(pixels, self.cfg.dim, generator=g) / pixels**0.5).to(device)
+        return self._projection[key]
+
+
+def _ranks(labels: torch.Tensor, n: int) -> torch.Tensor:
+    """[T, P] labels -> how many earlier points of the episode share each point's label."""
+    onehot = torch.nn.functional.one_hot(labels, n)
+    return (onehot.cumsum(1) - onehot).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+
+
+def _to_pool(images: torch.Tensor, labels: torch.Tensor, classes: int, size: int, grayscale: bool, where: str) -> Pool:
+    """Group by class, convert to grayscale and resize once: sampling never touches pixels beyond a gather."""
+    from torchvision.transforms.v2 import functional as TF
+
+    if labels.numel() != images.shape[0]:
+        raise DataError(f"{where}: {images.shape[0]} images but {labels.numel()} labels; the files do not belong together")
+    bad = (labels < 0) | (labels >= classes)
+    if bool(bad.any()):
+        raise DataError(f"{where}: label {int(labels[bad][0])} is outside 0..{classes - 1}: the labels file is corrupt")
+    if grayscale and images.shape[1] == 3:
+        images = TF.rgb_to_grayscale(images)
+    if images.shape[-1] != size or images.shape[-2] != size:
+        images = TF.resize(images, [size, size], antialias=True)
+    order = torch.argsort(labels, stable=True)
+    images, labels = images[order].contiguous(), labels[order].contiguous()
+    count = torch.bincount(labels, minlength=classes)
+    if bool((count == 0).any()):
+        raise DataError(f"{where}: class {int((count == 0).nonzero()[0])} has no images")
+    start = torch.cumsum(count, 0) - count
+    hist = torch.bincount(images.flatten(), minlength=256).double()
+    values = torch.arange(256, dtype=torch.float64) / 255.0
+    mean = float((hist * values).sum() / hist.sum())
+    std = float(((hist * (values - mean) ** 2).sum() / hist.sum()).sqrt().clamp_min(1e-3))
+    return Pool(images, labels, start, count, mean, std)
+
+
+# -- IDX files (MNIST, FashionMNIST, KMNIST) --
+def idx_header(path: Path) -> tuple[int, ...]:
+    """The dims of an uncompressed IDX file of unsigned bytes; DataError if the header or the size is wrong."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(4)
+        if len(head) < 4 or head[:2] != b"\0\0" or head[2] != 0x08 or not 1 <= head[3] <= 4:
+            raise DataError(f"{path} is corrupt: not an uncompressed IDX file of unsigned bytes "
+                            f"(it starts with {head.hex() or 'nothing'}, expected 0000080N)")
+        raw = f.read(4 * head[3])
+    if len(raw) < 4 * head[3]:
+        raise DataError(f"{path} is corrupt: its header is cut short")
+    dims = struct.unpack(f">{head[3]}I", raw)
+    want = 4 + 4 * len(dims) + int(torch.tensor(dims).prod())
+    if size != want:
+        raise DataError(f"{path} is corrupt: its header announces {'x'.join(map(str, dims))} bytes of data "
+                        f"({want} bytes in all) but the file has {size}")
+    return dims
+
+
+class _IDXImages(ImageClassification):
+    """torchvision's MNIST-style loaders: ROOT/<folder>/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte."""
+
+    folder: ClassVar[str]  # torchvision's class name, which is also its folder under root
+
+    @property
+    def raw(self) -> Path:
+        return self.root / self.folder / "raw"
+
+    @classmethod
+    def provide_hint(cls, root: Path) -> str:
+        return (f"stage them with `python -m iai_dist.data stage {cls.name} --from DIR --root {root}` (DIR: a folder "
+                "with the four IDX files, .gz or not), or set task.image.download=true where the network is reachable")
+
+    def _check_files(self, split: str) -> None:
+        # torchvision insists on all four files whichever split it reads
+        files = [self.raw / f for s in SPLITS for f in IDX_FILES[s]]
+        missing = [f for f in files if not f.is_file()]
+        if missing:
+            gz = " (only .gz copies are there: stage them)" if all(f.with_name(f.name + ".gz").is_file() for f in missing) else ""
+            raise DataError(
+                f"{self.name}: no data under root {self.root}: expected {self.folder}/raw/"
+                "{train,t10k}-{images-idx3,labels-idx1}-ubyte (uncompressed IDX), missing "
+                f"{', '.join(f.name for f in missing)}{gz}; {self.provide_hint(self.root)}")
+        for s in SPLITS:
+            images, labels = (self.raw / f for f in IDX_FILES[s])
+            di, dl = idx_header(images), idx_header(labels)
+            if len(di) != 3 or len(dl) != 1 or di[0] != dl[0]:
+                raise DataError(f"{images} and {labels} are corrupt or mismatched: shapes {list(di)} and {list(dl)} "
+                                f"(expected [n, rows, cols] images and [n] labels); {self.provide_hint(self.root)}")
+
+    def _read(self, split: str):
+        import torchvision
+
+        cls = getattr(torchvision.datasets, self.folder)
+        try:
+            ds = cls(str(self.root), train=split == "train", download=False)
+        except Exception as exc:  # headers were checked: anything left is damage torchvision trips on
+            raise DataError(f"{self._where(split)}: torchvision cannot read it ({type(exc).__name__}: {exc}); "
+                            f"{self.provide_hint(self.root)}") from None
+        return ds.data.unsqueeze(1), ds.targets.long()
+
+    def _download(self) -> None:
+        import torchvision
+
+        try:
+            getattr(torchvision.datasets, self.folder)(str(self.root), train=True, download=True)
+        except Exception as exc:
+            raise DataError(f"{self.name}: download into {self.root} failed ({type(exc).__name__}: {exc}); "
+                            f"{self.provide_hint(self.root)}") from None
+
+
+@register("mnist")
+class MNIST(_IDXImages):
+    """Handwritten digits, 28x28 (60,000 train / 10,000 test)."""
+
+    folder = "MNIST"
+
+
+@register("fashion_mnist")
+class FashionMNIST(_IDXImages):
+    """Zalando's clothing images, 28x28 (60,000 / 10,000); real copy offline in Debian's dataset-fashion-mnist."""
+
+    folder = "FashionMNIST"
+
+    @classmethod
+    def provide_hint(cls, root: Path) -> str:
+        return (f"stage them with `python -m iai_dist.data stage fashion_mnist --root {root}` (reads Debian's "
+                f"dataset-fashion-mnist in {DEBIAN_FASHION}; `make fashion-mnist` installs and stages it)")
+
+
+@register("kmnist")
+class KMNIST(_IDXImages):
+    """Kuzushiji (cursive Japanese) characters, 28x28 (60,000 / 10,000)."""
+
+    folder = "KMNIST"
+
+
+@register("cifar10")
+class CIFAR10(ImageClassification):
+    """32x32 colour photographs (50,000 / 10,000); torchvision's pickled batches under ROOT/cifar-10-batches-py."""
+
+    channels = 3
+
+    @classmethod
+    def provide_hint(cls, root: Path) -> str:
+        return (f"stage them with `python -m iai_dist.data stage cifar10 --from cifar-10-python.tar.gz --root {root}`, "
+                "or set task.image.download=true where the network is reachable")
+
+    def _check_files(self, split: str) -> None:
+        check_cifar(self.root)
+
+    def _read(self, split: str):
+        from torchvision.datasets import CIFAR10 as TV
+
+        try:
+            ds = TV(str(self.root), train=split == "train", download=False)
+        except Exception as exc:
+            raise DataError(f"{self._where(split)}: torchvision cannot read it ({type(exc).__name__}: {exc}); "
+                            f"{self.provide_hint(self.root)}") from None
+        return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)
+
+    def _download(self) -> None:
+        from torchvision.datasets import CIFAR10 as TV
+
+        try:
+            TV(str(self.root), train=True, download=True)
+        except Exception as exc:
+            raise DataError(f"{self.name}: download into {self.root} failed ({type(exc).__name__}: {exc}); "
+                            f"{self.provide_hint(self.root)}") from None
+
+
+@register("digits")
+class Digits(ImageClassification):
+    """scikit-learn's 8x8 handwritten digits (1,797 images shipped with the package: real data, always offline).
+    The first 1,437 are the train split, the last 360 the test split."""
+
+    needs_root = False
+
+    def _where(self, split: str) -> str:
+        return f"digits {split} split (scikit-learn)"
+
+    def _read(self, split: str):
+        from sklearn.datasets import load_digits
+
+        d = load_digits()
+        images = torch.from_numpy(d.images).mul(255.0 / 16.0).round().to(torch.uint8).unsqueeze(1)
+        labels = torch.from_numpy(d.target).long()
+        cut = len(labels) - DIGITS_TEST
+        return (images[:cut], labels[:cut]) if split == "train" else (images[cut:], labels[cut:])
+
+
+def check_cifar(root: Path) -> None:
+    """All of torchvision's CIFAR-10 files under root, with the MD5 sums torchvision knows, else DataError."""
+    from torchvision.datasets import CIFAR10 as TV
+    from torchvision.datasets.utils import check_integrity
+
+    folder = root / TV.base_folder
+    files = [*TV.train_list, *TV.test_list, [TV.meta["filename"], TV.meta["md5"]]]
+    missing = [name for name, _ in files if not (folder / name).is_file()]
+    if missing:
+        raise DataError(f"cifar10: no data under root {root}: expected {TV.base_folder}/"
+                        f"{{data_batch_1..5,test_batch,batches.meta}}, missing {', '.join(missing)}; "
+                        f"{CIFAR10.provide_hint(root)}")
+    bad = [name for name, md5 in files if not check_integrity(str(folder / name), md5)]
+    if bad:
+        raise DataError(f"cifar10: {', '.join(str(folder / b) for b in bad)} corrupt (MD5 differs from "
+                        f"torchvision's); {CIFAR10.provide_hint(root)}")
+
+
+# -- staging: real files from wherever they are into the layout torchvision reads --
+def stage(name: str, src: str | Path | None, root: str | Path) -> list[Path]:
+    """Copy (and gunzip) a data set's files into root; check them; return what was written."""
+    from iai_dist.tasks.base import FAMILIES
+
+    family = FAMILIES.get(name)
+    root = Path(root).expanduser().resolve()
+    if family is CIFAR10:
+        if src is None:
+            raise DataError("cifar10: --from cifar-10-python.tar.gz is needed")
+        try:
+            with tarfile.open(src) as tar:
+                tar.extractall(root, filter="data")
+        except (OSError, tarfile.TarError, EOFError, zlib.error) as exc:
+            raise DataError(f"{src} cannot be extracted ({type(exc).__name__}: {exc})") from None
+        check_cifar(root)
+        return [root / "cifar-10-batches-py"]
+    if family is None or not issubclass(family, _IDXImages):
+        idx = sorted(n for n, f in FAMILIES.items() if isinstance(f, type) and issubclass(f, _IDXImages))
+        raise DataError(f"cannot stage {name!r}: IDX data sets are {', '.join(idx)}, and cifar10 from its tarball")
+    if src is None:
+        if family is not FashionMNIST:
+            raise DataError(f"{name}: --from DIR is needed (a folder with the four IDX files, .gz or not)")
+        src = DEBIAN_FASHION
+    src = Path(src)
+    raw = root / family.folder / "raw"
+    sources = {}
+    for base in (f for s in SPLITS for f in IDX_FILES[s]):
+        candidates = [src / f"{stem}{gz}" for stem in (base, base.replace("-idx", ".idx")) for gz in ("", ".gz")]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            hint = " (Debian: apt-get install dataset-fashion-mnist)" if family is FashionMNIST else ""
+            raise DataError(f"{name}: {src} has no {base} or {base}.gz{hint}")
+        sources[base] = found
+    raw.mkdir(parents=True, exist_ok=True)
+    written = []
+    for base, found in sources.items():
+        tmp = raw / f".{base}.tmp"
+        try:
+            with (gzip.open(found) if found.suffix == ".gz" else open(found, "rb")) as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout, 1 << 20)
+            idx_header(tmp)
+        except (OSError, EOFError, zlib.error, DataError) as exc:
+            tmp.unlink(missing_ok=True)
+            raise DataError(f"{found} is corrupt ({exc})") from None
+        os.replace(tmp, raw / base)
+        written.append(raw / base)
+    return written
