@@ -202,6 +202,11 @@ class ImageClassification(TaskFamily):
         return self._projection[key]
 
 
+def _one_line(exc: BaseException) -> str:
+    """An exception as one line (torchvision's download errors span several)."""
+    return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
+
+
 def _ranks(labels: torch.Tensor, n: int) -> torch.Tensor:
     """[T, P] labels -> how many earlier points of the episode share each point's label."""
     onehot = torch.nn.functional.one_hot(labels, n)
@@ -292,7 +297,7 @@ class _IDXImages(ImageClassification):
         try:
             ds = cls(str(self.root), train=split == "train", download=False)
         except Exception as exc:  # headers were checked: anything left is damage torchvision trips on
-            raise DataError(f"{self._where(split)}: torchvision cannot read it ({type(exc).__name__}: {exc}); "
+            raise DataError(f"{self._where(split)}: torchvision cannot read it ({_one_line(exc)}); "
                             f"{self.provide_hint(self.root)}") from None
         return ds.data.unsqueeze(1), ds.targets.long()
 
@@ -302,7 +307,7 @@ class _IDXImages(ImageClassification):
         try:
             getattr(torchvision.datasets, self.folder)(str(self.root), train=True, download=True)
         except Exception as exc:
-            raise DataError(f"{self.name}: download into {self.root} failed ({type(exc).__name__}: {exc}); "
+            raise DataError(f"{self.name}: download into {self.root} failed ({_one_line(exc)}); "
                             f"{self.provide_hint(self.root)}") from None
 
 
@@ -352,7 +357,7 @@ class CIFAR10(ImageClassification):
         try:
             ds = TV(str(self.root), train=split == "train", download=False)
         except Exception as exc:
-            raise DataError(f"{self._where(split)}: torchvision cannot read it ({type(exc).__name__}: {exc}); "
+            raise DataError(f"{self._where(split)}: torchvision cannot read it ({_one_line(exc)}); "
                             f"{self.provide_hint(self.root)}") from None
         return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)
 
@@ -362,7 +367,7 @@ class CIFAR10(ImageClassification):
         try:
             TV(str(self.root), train=True, download=True)
         except Exception as exc:
-            raise DataError(f"{self.name}: download into {self.root} failed ({type(exc).__name__}: {exc}); "
+            raise DataError(f"{self.name}: download into {self.root} failed ({_one_line(exc)}); "
                             f"{self.provide_hint(self.root)}") from None
 
 
@@ -418,7 +423,7 @@ def stage(name: str, src: str | Path | None, root: str | Path) -> list[Path]:
             with tarfile.open(src) as tar:
                 tar.extractall(root, filter="data")
         except (OSError, tarfile.TarError, EOFError, zlib.error) as exc:
-            raise DataError(f"{src} cannot be extracted ({type(exc).__name__}: {exc})") from None
+            raise DataError(f"{src} cannot be extracted ({_one_line(exc)})") from None
         check_cifar(root)
         return [root / "cifar-10-batches-py"]
     if family is None or not issubclass(family, _IDXImages):
