@@ -17,8 +17,9 @@ $(VENV)/.installed: pyproject.toml
 train: $(VENV)/.installed
 	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(PY) -m iai_dist.train --preset $(PRESET) $(ARGS)
 
+# OMP_WAIT_POLICY=PASSIVE: on a CPU shared with other jobs, spinning OpenMP threads made the suite 10x slower.
 test: $(VENV)/.installed fashion-mnist-deb
-	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(PY) -m pytest tests $(ARGS)
+	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(PY) -m pytest tests $(ARGS)
 
 bench: $(VENV)/.installed
 	$(PY) -m iai_dist.bench quality $(ARGS)

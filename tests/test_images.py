@@ -194,6 +194,18 @@ def test_missing_data_names_root_files_and_command(tmp_path):
         build_family(image_cfg(tmp_path, "cifar10", dim=1024, **{"image.size": 32}).task)
 
 
+def test_a_failed_download_is_one_line(tmp_path, monkeypatch):
+    import torchvision
+
+    def offline(self):
+        raise RuntimeError("Error downloading train-images-idx3-ubyte.gz:\nTried http://mirror/, got:\nno network")
+
+    monkeypatch.setattr(torchvision.datasets.MNIST, "download", offline)
+    with pytest.raises(DataError, match="download into .* failed .*got: no network") as err:
+        build_family(image_cfg(tmp_path, "mnist", **{"image.download": "true"}).task)
+    assert "\n" not in str(err.value)
+
+
 @pytest.mark.parametrize("damage,message", [
     ("truncate", "is corrupt: its header announces 90x28x28"),
     ("magic", "is corrupt: not an uncompressed IDX file"),
