@@ -11,11 +11,20 @@ ROOT defaults to task.image.root's default; pass the same root to training with 
 from __future__ import annotations
 
 import argparse
+import gzip
+import os
+import shutil
 import sys
+import tarfile
+import zlib
+from pathlib import Path
 
 from iai_dist.config import ImageConfig, TaskConfig
 from iai_dist.tasks import FAMILIES
-from iai_dist.tasks.images import DEBIAN_FASHION, DataError, ImageClassification, stage
+from iai_dist.tasks.images import (
+    CIFAR10, DEBIAN_FASHION, IDX_FILES, SPLITS, DataError, FashionMNIST, ImageClassification, IDXImages, one_line,
+    check_cifar, idx_header,
+)
 
 
 def image_families() -> list[str]:
@@ -37,6 +46,54 @@ def status(root: str) -> list[tuple[str, str]]:
         except DataError as exc:
             rows.append((name, str(exc)))
     return rows
+
+
+# -- staging: real files from wherever they are into the layout torchvision reads --
+def stage(name: str, src: str | Path | None, root: str | Path) -> list[Path]:
+    """Copy (and gunzip) a data set's files into root; check them; return what was written."""
+    family = FAMILIES.get(name)
+    root = Path(root).expanduser().resolve()
+    if family is CIFAR10:
+        if src is None:
+            raise DataError("cifar10: --from cifar-10-python.tar.gz is needed")
+        try:
+            with tarfile.open(src) as tar:
+                tar.extractall(root, filter="data")
+        except (OSError, tarfile.TarError, EOFError, zlib.error) as exc:
+            raise DataError(f"{src} cannot be extracted ({one_line(exc)})") from None
+        check_cifar(root)
+        return [root / "cifar-10-batches-py"]
+    if family is None or not issubclass(family, IDXImages):
+        idx = sorted(n for n, f in FAMILIES.items() if isinstance(f, type) and issubclass(f, IDXImages))
+        raise DataError(f"cannot stage {name!r}: IDX data sets are {', '.join(idx)}, and cifar10 from its tarball")
+    if src is None:
+        if family is not FashionMNIST:
+            raise DataError(f"{name}: --from DIR is needed (a folder with the four IDX files, .gz or not)")
+        src = DEBIAN_FASHION
+    src = Path(src)
+    raw = root / family.folder / "raw"
+    sources = {}
+    for base in (f for s in SPLITS for f in IDX_FILES[s]):
+        candidates = [src / f"{stem}{gz}" for stem in (base, base.replace("-idx", ".idx")) for gz in ("", ".gz")]
+        found = next((c for c in candidates if c.is_file()), None)
+        if found is None:
+            hint = " (Debian: apt-get install dataset-fashion-mnist)" if family is FashionMNIST else ""
+            raise DataError(f"{name}: {src} has no {base} or {base}.gz{hint}")
+        sources[base] = found
+    raw.mkdir(parents=True, exist_ok=True)
+    written = []
+    for base, found in sources.items():
+        tmp = raw / f".{base}.tmp"
+        try:
+            with (gzip.open(found) if found.suffix == ".gz" else open(found, "rb")) as fin, open(tmp, "wb") as fout:
+                shutil.copyfileobj(fin, fout, 1 << 20)
+            idx_header(tmp)
+        except (OSError, EOFError, zlib.error, DataError) as exc:
+            tmp.unlink(missing_ok=True)
+            raise DataError(f"{found} is corrupt ({exc})") from None
+        os.replace(tmp, raw / base)
+        written.append(raw / base)
+    return written
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ from iai_dist.config import ConfigError, ExperimentConfig, parse_override
 from iai_dist.refiner import IterativeModel
 from iai_dist.rollout import refine
 from iai_dist.tasks import build_family
-from iai_dist.training import CheckpointError, read_checkpoint, resolve_device
+from iai_dist.training import CheckpointError, read_checkpoint, report_steps, resolve_device
 
 PER_STEP = ("refiner", "bayes_optimal", "adam", "sgd")
 AT_ONCE = ("full_fit", "one_step")
@@ -70,10 +70,6 @@ def evaluate(
     }
 
 
-def report_steps(k: int, horizon: int) -> list[int]:
-    return sorted({s for s in (1, 2, 5, k, 2 * k, horizon) if 1 <= s <= horizon})
-
-
 def format_table(summary: dict) -> str:
     """A markdown table: one row per method, error % after selected steps, and the at-once baselines."""
     k, horizon = summary["K"], summary["steps"][-1]
@@ -83,13 +79,13 @@ def format_table(summary: dict) -> str:
     lr = summary.get("lr", {})
     for name, errs in summary["per_step"].items():
         label = f"{name} (lr {lr[name]:g})" if name in lr else name
-        lines.append(f"| {label} | " + " | ".join(_fmt(errs[s]) for s in cols) + " | |")
+        lines.append(f"| {label} | " + " | ".join(format_error(errs[s]) for s in cols) + " | |")
     for name, err in summary["at_once"].items():
-        lines.append(f"| {name} | " + " | ".join("" for _ in cols) + f" | {_fmt(err)} |")
+        lines.append(f"| {name} | " + " | ".join("" for _ in cols) + f" | {format_error(err)} |")
     return "\n".join(lines)
 
 
-def _fmt(x: float) -> str:
+def format_error(x: float) -> str:
     return f"{x:.3g}" if x < 10 else f"{x:.1f}"
 
 

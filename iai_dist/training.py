@@ -202,14 +202,17 @@ def check_resumable(checkpoint_path: Path, cfg: ExperimentConfig) -> dict:
     return ckpt
 
 
+def report_steps(k: int, horizon: int) -> list[int]:
+    """The refinement steps tables and progress lines show: 1, 2, 5, K, 2K and the last one."""
+    return sorted({s for s in (1, 2, 5, k, 2 * k, horizon) if 1 <= s <= horizon})
+
+
 def progress_line(label: str, trainer: Trainer, stats: StepStats, rate: float, heldout: list[float],
                   elapsed: float, extra: str = "") -> str:
     """One log line: step, rate, loss, held-out query error after steps 1, 2, 5, K (the training batch's
     when there is no held-out set), lr, skipped steps, time; `extra` for the Ray service's figures."""
     errors, where = (heldout, "held-out") if heldout else (stats.step_errors, "batch")
-    k = len(errors)
-    cols = sorted({s for s in (1, 2, 5, k) if 1 <= s <= k})
-    errs = " ".join(f"@{s}:{errors[s - 1]:.3g}%" for s in cols)
+    errs = " ".join(f"@{s}:{errors[s - 1]:.3g}%" for s in report_steps(len(errors), len(errors)))
     tc = trainer.cfg.train
     return (
         f"[{label}] step {trainer.step:>6}/{tc.max_steps} | {rate:6.2f} it/s {rate * tc.tasks_per_batch:7.0f} "

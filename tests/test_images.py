@@ -263,11 +263,11 @@ def test_stage_gzipped_idx_into_torchvision_layout(tmp_path):
     blob = (bad / "train-images-idx3-ubyte.gz").read_bytes()
     (bad / "train-images-idx3-ubyte.gz").write_bytes(blob[: len(blob) // 2])
     with pytest.raises(DataError, match="train-images-idx3-ubyte.gz is corrupt"):
-        images.stage("mnist", bad, tmp_path / "r2")
+        data.stage("mnist", bad, tmp_path / "r2")
     assert not any(p.is_file() for p in (tmp_path / "r2").rglob("*"))
     (bad / "t10k-labels-idx1-ubyte.gz").unlink()
     with pytest.raises(DataError, match="has no t10k-labels-idx1-ubyte"):
-        images.stage("mnist", bad, tmp_path / "r2")
+        data.stage("mnist", bad, tmp_path / "r2")
 
 
 @pytest.mark.skipif(not Path(DEBIAN_FASHION).is_dir(), reason=f"real Fashion-MNIST absent ({DEBIAN_FASHION}; "

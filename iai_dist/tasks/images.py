@@ -15,12 +15,7 @@ choice all come from the counter-based EpisodeRNG.
 
 from __future__ import annotations
 
-import gzip
-import os
-import shutil
 import struct
-import tarfile
-import zlib
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -202,7 +197,7 @@ class ImageClassification(TaskFamily):
         return self._projection[key]
 
 
-def _one_line(exc: BaseException) -> str:
+def one_line(exc: BaseException) -> str:
     """An exception as one line (torchvision's download errors span several)."""
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
@@ -259,7 +254,7 @@ def idx_header(path: Path) -> tuple[int, ...]:
     return dims
 
 
-class _IDXImages(ImageClassification):
+class IDXImages(ImageClassification):
     """torchvision's MNIST-style loaders: ROOT/<folder>/raw/{train,t10k}-{images-idx3,labels-idx1}-ubyte."""
 
     folder: ClassVar[str]  # torchvision's class name, which is also its folder under root
@@ -297,7 +292,7 @@ class _IDXImages(ImageClassification):
         try:
             ds = cls(str(self.root), train=split == "train", download=False)
         except Exception as exc:  # headers were checked: anything left is damage torchvision trips on
-            raise DataError(f"{self._where(split)}: torchvision cannot read it ({_one_line(exc)}); "
+            raise DataError(f"{self._where(split)}: torchvision cannot read it ({one_line(exc)}); "
                             f"{self.provide_hint(self.root)}") from None
         return ds.data.unsqueeze(1), ds.targets.long()
 
@@ -307,19 +302,19 @@ class _IDXImages(ImageClassification):
         try:
             getattr(torchvision.datasets, self.folder)(str(self.root), train=True, download=True)
         except Exception as exc:
-            raise DataError(f"{self.name}: download into {self.root} failed ({_one_line(exc)}); "
+            raise DataError(f"{self.name}: download into {self.root} failed ({one_line(exc)}); "
                             f"{self.provide_hint(self.root)}") from None
 
 
 @register("mnist")
-class MNIST(_IDXImages):
+class MNIST(IDXImages):
     """Handwritten digits, 28x28 (60,000 train / 10,000 test)."""
 
     folder = "MNIST"
 
 
 @register("fashion_mnist")
-class FashionMNIST(_IDXImages):
+class FashionMNIST(IDXImages):
     """Zalando's clothing images, 28x28 (60,000 / 10,000); real copy offline in Debian's dataset-fashion-mnist."""
 
     folder = "FashionMNIST"
@@ -331,7 +326,7 @@ class FashionMNIST(_IDXImages):
 
 
 @register("kmnist")
-class KMNIST(_IDXImages):
+class KMNIST(IDXImages):
     """Kuzushiji (cursive Japanese) characters, 28x28 (60,000 / 10,000)."""
 
     folder = "KMNIST"
@@ -357,7 +352,7 @@ class CIFAR10(ImageClassification):
         try:
             ds = TV(str(self.root), train=split == "train", download=False)
         except Exception as exc:
-            raise DataError(f"{self._where(split)}: torchvision cannot read it ({_one_line(exc)}); "
+            raise DataError(f"{self._where(split)}: torchvision cannot read it ({one_line(exc)}); "
                             f"{self.provide_hint(self.root)}") from None
         return torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets)
 
@@ -367,7 +362,7 @@ class CIFAR10(ImageClassification):
         try:
             TV(str(self.root), train=True, download=True)
         except Exception as exc:
-            raise DataError(f"{self.name}: download into {self.root} failed ({_one_line(exc)}); "
+            raise DataError(f"{self.name}: download into {self.root} failed ({one_line(exc)}); "
                             f"{self.provide_hint(self.root)}") from None
 
 
@@ -407,53 +402,3 @@ def check_cifar(root: Path) -> None:
     if bad:
         raise DataError(f"cifar10: {', '.join(str(folder / b) for b in bad)} corrupt (MD5 differs from "
                         f"torchvision's); {CIFAR10.provide_hint(root)}")
-
-
-# -- staging: real files from wherever they are into the layout torchvision reads --
-def stage(name: str, src: str | Path | None, root: str | Path) -> list[Path]:
-    """Copy (and gunzip) a data set's files into root; check them; return what was written."""
-    from iai_dist.tasks.base import FAMILIES
-
-    family = FAMILIES.get(name)
-    root = Path(root).expanduser().resolve()
-    if family is CIFAR10:
-        if src is None:
-            raise DataError("cifar10: --from cifar-10-python.tar.gz is needed")
-        try:
-            with tarfile.open(src) as tar:
-                tar.extractall(root, filter="data")
-        except (OSError, tarfile.TarError, EOFError, zlib.error) as exc:
-            raise DataError(f"{src} cannot be extracted ({_one_line(exc)})") from None
-        check_cifar(root)
-        return [root / "cifar-10-batches-py"]
-    if family is None or not issubclass(family, _IDXImages):
-        idx = sorted(n for n, f in FAMILIES.items() if isinstance(f, type) and issubclass(f, _IDXImages))
-        raise DataError(f"cannot stage {name!r}: IDX data sets are {', '.join(idx)}, and cifar10 from its tarball")
-    if src is None:
-        if family is not FashionMNIST:
-            raise DataError(f"{name}: --from DIR is needed (a folder with the four IDX files, .gz or not)")
-        src = DEBIAN_FASHION
-    src = Path(src)
-    raw = root / family.folder / "raw"
-    sources = {}
-    for base in (f for s in SPLITS for f in IDX_FILES[s]):
-        candidates = [src / f"{stem}{gz}" for stem in (base, base.replace("-idx", ".idx")) for gz in ("", ".gz")]
-        found = next((c for c in candidates if c.is_file()), None)
-        if found is None:
-            hint = " (Debian: apt-get install dataset-fashion-mnist)" if family is FashionMNIST else ""
-            raise DataError(f"{name}: {src} has no {base} or {base}.gz{hint}")
-        sources[base] = found
-    raw.mkdir(parents=True, exist_ok=True)
-    written = []
-    for base, found in sources.items():
-        tmp = raw / f".{base}.tmp"
-        try:
-            with (gzip.open(found) if found.suffix == ".gz" else open(found, "rb")) as fin, open(tmp, "wb") as fout:
-                shutil.copyfileobj(fin, fout, 1 << 20)
-            idx_header(tmp)
-        except (OSError, EOFError, zlib.error, DataError) as exc:
-            tmp.unlink(missing_ok=True)
-            raise DataError(f"{found} is corrupt ({exc})") from None
-        os.replace(tmp, raw / base)
-        written.append(raw / base)
-    return written
