@@ -224,7 +224,7 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files(PRESET_PACKAGE).iterdir() if p.name.endswith(".yaml"))
 
 
-def _read_yaml(text: str, source: str) -> dict[str, Any]:
+def read_yaml(text: str, source: str) -> dict[str, Any]:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
@@ -286,7 +286,7 @@ def load_config(
         if name not in preset_names():
             raise ConfigError(f"unknown preset {name!r}; known: {', '.join(preset_names())}")
         text = resources.files(PRESET_PACKAGE).joinpath(f"{name}.yaml").read_text()
-        data = _read_yaml(text, f"preset {name}")
+        data = read_yaml(text, f"preset {name}")
         source = f"preset {name}"
     else:
         data, source = {}, ""
@@ -294,7 +294,7 @@ def load_config(
         path = Path(config_file)
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
-        user = _read_yaml(path.read_text(), str(path))
+        user = read_yaml(path.read_text(), str(path))
         data = _merge(data, user)
         source = str(path)
     validate(data, source)

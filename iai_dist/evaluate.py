@@ -60,7 +60,7 @@ def evaluate(
     return {
         "task": cfg.task.model_dump(),
         "regime": cfg.regime.model_dump(),
-        "metric": "relative squared error %" if family.kind == "regression" else "classification error %",
+        "metric": metric_name(family.kind),
         "episodes": ec.episodes,
         "K": k,
         "steps": list(range(horizon + 1)),  # index i: after i refinement steps (0 = the initial state)
@@ -68,6 +68,11 @@ def evaluate(
         "at_once": {name: errors[name][0] for name in AT_ONCE if name in errors},
         "lr": lrs,
     }
+
+
+def metric_name(kind: str) -> str:
+    """DESIGN.md's metric for a family kind, as tables and plots label it."""
+    return "relative squared error %" if kind == "regression" else "classification error %"
 
 
 def format_table(summary: dict) -> str:

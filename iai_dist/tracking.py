@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from pathlib import Path
@@ -45,11 +46,12 @@ class RunLogger:
 class Tracker:
     """A thin wrapper that is a no-op when tracking is disabled, so the training loop never branches on it.
 
-    The run is created (or resumed) here on the driver, with MLflow's system metrics (CPU, memory, GPU)
+    The run is created (or resumed, from run_dir/mlflow_run_id) here on the driver, with MLflow's system metrics (CPU, memory, GPU)
     sampled in the background for as long as it is open.
     """
 
-    def __init__(self, cfg: ExperimentConfig, run_dir: Path, runs_dir: Path):
+    def __init__(self, cfg: ExperimentConfig, run_dir: Path, runs_dir: Path, run_name: str | None = None,
+                 parent_run_id: str | None = None):
         self.enabled = cfg.tracking.enabled
         self.run_id: str | None = None
         self.uri = tracking_uri(runs_dir)
@@ -58,6 +60,7 @@ class Tracker:
             return
         import mlflow
 
+        logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # not 4 INFO lines per run
         self._mlflow = mlflow
         own_store = not os.environ.get("MLFLOW_TRACKING_URI")  # read before set_tracking_uri exports it
         mlflow.set_tracking_uri(self.uri)
@@ -68,7 +71,9 @@ class Tracker:
         mlflow.set_experiment(cfg.tracking.experiment)
         id_file = run_dir / "mlflow_run_id"
         resume = id_file.read_text().strip() if id_file.exists() else None
-        run = mlflow.start_run(run_id=resume, run_name=None if resume else run_dir.name, log_system_metrics=True)
+        # a sweep's trials are nested runs of the sweep's parent run (parent_run_id)
+        run = mlflow.start_run(run_id=resume, run_name=None if resume else run_name or run_dir.name,
+                               parent_run_id=parent_run_id, log_system_metrics=True)
         self.run_id = run.info.run_id
         self.logger = RunLogger(self.uri, self.run_id)
         id_file.write_text(self.run_id)
@@ -78,9 +83,25 @@ class Tracker:
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self.logger.log_metrics(metrics, step)
 
-    def log_artifact(self, path: Path) -> None:
+    def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if self.enabled:
-            self._mlflow.log_artifact(str(path))
+            self._mlflow.log_artifact(str(path), artifact_path)
+
+    def log_params(self, params: dict) -> None:
+        if self.enabled:
+            self._mlflow.log_params(params)
+
+    def end_open_runs(self, statuses: dict[str, str]) -> None:
+        """End other runs still marked RUNNING (a sweep's trials that Tune stopped or that crashed never
+        closed their own) with the given status: KILLED, FAILED."""
+        if not self.enabled:
+            return
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(self.uri)
+        for run_id, status in statuses.items():
+            if client.get_run(run_id).info.status == "RUNNING":
+                client.set_terminated(run_id, status)
 
     def log_summary(self, summary: dict) -> None:
         """Final errors as metrics: `eval/<method>/step_<i>` for per-step methods, `eval/<method>` at once."""

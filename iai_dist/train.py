@@ -13,6 +13,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import Sequence
 
 
 from iai_dist.config import ConfigError, ExperimentConfig, load_config, preset_names, to_yaml
@@ -48,7 +49,10 @@ def one_step_config(cfg: ExperimentConfig) -> ExperimentConfig:
     return cfg.with_overrides({"task.steps": 1, "task.batch_size": cfg.task.steps * cfg.task.batch_size})
 
 
-def fit_in_process(cfg: ExperimentConfig, out_dir: Path, tracker: Tracker, label: str, prefix: str):
+def fit_in_process(cfg: ExperimentConfig, out_dir: Path, tracker: Tracker, label: str, prefix: str,
+                   callbacks: Sequence = ()):
+    if callbacks:
+        raise ValueError("Ray Train callbacks need the Ray service (distributed.num_workers > 0)")
     printer = progress_printer(label)
 
     def on_log(trainer: Trainer, stats: StepStats, rate: float, heldout: list[float]) -> None:
@@ -59,10 +63,11 @@ def fit_in_process(cfg: ExperimentConfig, out_dir: Path, tracker: Tracker, label
     return trainer.model, {"steps": trainer.step, "skipped": trainer.skipped, "episodes": trainer.cursor}
 
 
-def fit_on_ray(cfg: ExperimentConfig, out_dir: Path, tracker: Tracker, label: str, prefix: str):
+def fit_on_ray(cfg: ExperimentConfig, out_dir: Path, tracker: Tracker, label: str, prefix: str,
+               callbacks: Sequence = ()):
     from iai_dist.service import fit  # Ray stays out of the in-process path
 
-    result = fit(cfg, out_dir, tracker.logger, label, prefix)
+    result = fit(cfg, out_dir, tracker.logger, label, prefix, callbacks=callbacks)
     model, _ = load_for_eval(result.checkpoint, [], "cpu")
     restarted = [w["index"] for w in result.workers if w["restarted"]]
     nodes = set(result.service.get("learner_nodes", [])) | {w["node"] for w in result.workers}
@@ -71,9 +76,11 @@ def fit_on_ray(cfg: ExperimentConfig, out_dir: Path, tracker: Tracker, label: st
     return model, info
 
 
-def run(cfg: ExperimentConfig, run_dir: Path, tracker: Tracker) -> dict:
+def run(cfg: ExperimentConfig, run_dir: Path, tracker: Tracker, callbacks: Sequence = ()) -> dict:
+    """Train the refiner (and the one-step model), evaluate, log; `callbacks` (Ray Train's) see the
+    refiner's training only: a sweep's trial forwards its reports to Tune with them."""
     fit_model = fit_on_ray if cfg.distributed.num_workers else fit_in_process
-    model, info = fit_model(cfg, run_dir, tracker, "refiner", "train/")
+    model, info = fit_model(cfg, run_dir, tracker, "refiner", "train/", callbacks)
     one_step = None
     if cfg.eval.one_step:
         one_dir = run_dir / "one_step"

@@ -13,10 +13,12 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import ray
-from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, Result, RunConfig, ScalingConfig
+from ray.train import (
+    CheckpointConfig, FailureConfig, LoggingConfig, Result, RunConfig, ScalingConfig, UserCallback,
+)
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from iai_dist.config import ExperimentConfig
@@ -68,10 +70,12 @@ def fit(
     label: str = "refiner",
     prefix: str = "train/",
     on_step: Callable[[int, int], None] | None = None,
+    callbacks: Sequence[UserCallback] = (),
 ) -> FitResult:
     """Train `cfg` on the connected Ray cluster into run_dir, resuming from its last checkpoint.
 
     `on_step(rank, step)` is called by every learner after each step: fault injection in tests.
+    `callbacks` are Ray Train callbacks (a sweep's trial passes Tune's, which forwards every report).
     """
     d = cfg.distributed
     run_dir = run_dir.resolve()
@@ -105,6 +109,7 @@ def fit(
             failure_config=FailureConfig(max_failures=d.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             logging_config=LoggingConfig(log_level="WARNING"),  # not a line per ray.train.report
+            callbacks=list(callbacks),
         ),
     )
     try:

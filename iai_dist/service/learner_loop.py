@@ -154,6 +154,8 @@ def learner_loop(config: dict) -> dict:
             sys.stdout.write(progress_line(label, trainer, stats, rate, heldout, now - begin, extra) + "\n")
             sys.stdout.flush()
             logger.log_metrics(metrics, trainer.step)
+            # what a sweep schedules on (Tune sees the reports): a key that does not depend on K
+            metrics.update(learner_step=trainer.step, heldout_error=(heldout or stats.step_errors)[-1])
         window = [0.0] * 5
         if saving:
             _report_checkpoint(trainer, feed, rank, world, metrics)

@@ -1,0 +1,224 @@
+"""A Ray Tune sweep whose trials are whole training jobs of the service, nested in one MLflow parent run.
+
+Each trial is `train.run` (the Ray Train learner fed by episode workers, then the evaluation) with the
+drawn overrides, in sweep_dir/trials/<trial id>; Ray Train's reports reach Tune through its
+TuneReportCallback, which is what ASHA decides on. A trial's directory is its own resumable run, so
+`--resume` (Tuner.restore) continues an interrupted trial from its last checkpoint and never re-runs a
+finished one. The sweep's trials run as many at once as the cluster has room for: Tune does not see the
+learners and episode workers a trial starts, so the driver counts them itself.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import ray
+from ray import tune
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler
+
+from iai_dist.config import ExperimentConfig, validate
+from iai_dist.search_space import Domain, SearchSpace, trial_overrides
+from iai_dist.service.runtime import cpus_needed
+from iai_dist.sweep_report import TrialRow, short_params
+from iai_dist.tracking import Tracker
+
+TRIAL_CPUS = 1.0  # the trial's own process: it drives the TorchTrainer, then evaluates (counted in cpus_needed)
+
+
+@dataclass(frozen=True)
+class SweepContext:
+    """What every trial gets besides its drawn values (tune.with_parameters puts it in the object store)."""
+
+    base: dict  # the base ExperimentConfig as JSON data
+    trials_dir: str
+    tracking_uri: str
+    parent_run_id: str | None
+    on_trial: Callable[[ExperimentConfig], None] | None = None  # called in the trial before training: tests
+
+
+def trial_name(trial_id: str, params: dict[str, Any]) -> str:
+    """The child run's name in MLflow: the trial id and what it varies."""
+    return f"{trial_id} {short_params(trial_overrides(params))}".strip()
+
+
+def run_trial(params: dict[str, Any], sweep: SweepContext) -> None:
+    """Tune's function trainable: one training job, resumed from its directory if it has run before."""
+    from iai_dist.train import prepare_run_dir, run  # the trial process imports the job, not the driver
+
+    trial_id = tune.get_context().get_trial_id()
+    overrides = {**trial_overrides(params), "tracking.runs_dir": sweep.trials_dir, "tracking.run_name": trial_id}
+    cfg = validate(sweep.base, "sweep base config").with_overrides(overrides)
+    run_dir = prepare_run_dir(cfg, None)
+    os.environ["MLFLOW_TRACKING_URI"] = sweep.tracking_uri  # the sweep's store, on whichever node this runs
+    tracker = Tracker(cfg, run_dir, run_dir.parent, run_name=trial_name(trial_id, params),
+                      parent_run_id=sweep.parent_run_id)
+    try:
+        if sweep.on_trial is not None:
+            sweep.on_trial(cfg)
+        summary = run(cfg, run_dir, tracker, callbacks=[TuneReportCallback()])
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    tracker.finish()
+    k = cfg.task.steps
+    tune.report({"learner_step": cfg.train.max_steps, "heldout_error": summary["per_step"]["refiner"][k],
+                 "evaluated": 1})
+
+
+def trial_resources(cfg: ExperimentConfig) -> tune.PlacementGroupFactory:
+    """The trial's placement group: its own process and its episode workers (actors it starts itself).
+    Ray Train places the learners in a placement group of its own."""
+    d = cfg.distributed
+    worker = {"CPU": d.episode_worker_cpus, **({"GPU": d.episode_worker_gpus} if d.use_gpu else {})}
+    return tune.PlacementGroupFactory([{"CPU": TRIAL_CPUS}] + [worker] * d.episode_workers)
+
+
+def trials_at_once(base: ExperimentConfig, space: SearchSpace, cap: int | None) -> int:
+    """As many trials as the cluster's CPUs (and GPUs) hold, each with its learners and episode workers;
+    at least one, at most the number of trials (or `cap`)."""
+    resources = ray.cluster_resources()
+    fit = resources.get("CPU", 1) // cpus_needed(base)
+    d = base.distributed
+    if d.use_gpu:
+        gpus = d.num_workers + d.episode_workers * d.episode_worker_gpus
+        fit = min(fit, resources.get("GPU", 0) // gpus)
+    n = min(max(1, int(fit)), space.num_trials())
+    return min(n, cap) if cap else n
+
+
+def _tune_domain(domain: Domain):
+    if domain.kind == "grid":
+        return tune.grid_search(list(domain.values))
+    if domain.kind == "choice":
+        return tune.choice(list(domain.values))
+    lo, hi = domain.values
+    return (tune.uniform if domain.kind == "uniform" else tune.loguniform)(float(lo), float(hi))
+
+
+def _scheduler(space: SearchSpace, base: ExperimentConfig):
+    if space.early_stopping is None:
+        return None  # FIFO: every trial runs to the end
+    max_t = base.train.max_steps
+    if "train.max_steps" in space.params:
+        max_t = max(int(v) for v in space.params["train.max_steps"].probes())
+    es = space.early_stopping
+    return ASHAScheduler(time_attr="learner_step", metric="heldout_error", mode="min", max_t=max_t,
+                         grace_period=min(es.grace_steps, max_t), reduction_factor=es.reduction_factor)
+
+
+def _trial_dirname(trial) -> str:
+    return f"tune_{trial.trial_id}"
+
+
+def _trial_name(trial) -> str:
+    return trial.trial_id
+
+
+class SweepProgress(tune.Callback):
+    """One line per trial event on the driver: done (and how many ASHA stopped), running, failed, the best."""
+
+    def __init__(self, total: int):
+        self.total = total
+
+    def _line(self, trials: list, event: str, ended: Any = None, ended_as: str = "") -> None:
+        """`ended`: the trial this event ends, whose status Tune updates only after the callbacks."""
+        status = {t.trial_id: (ended_as if t is ended else t.status) for t in trials}
+        done = [t for t in trials if status[t.trial_id] == "TERMINATED"]
+        stopped = sum(1 for t in done if not (t.last_result or {}).get("evaluated"))
+        running = sum(1 for t in trials if status[t.trial_id] == "RUNNING")
+        failed = sum(1 for t in trials if status[t.trial_id] == "ERROR")
+        scored = [t for t in trials if "heldout_error" in (t.last_result or {})]
+        best = ""
+        if scored:
+            b = min(scored, key=lambda t: t.last_result["heldout_error"])
+            best = (f" | best so far {b.trial_id} {b.last_result['heldout_error']:.3g}% after step K at learner step "
+                    f"{b.last_result.get('learner_step', '?')} ({short_params(trial_overrides(b.config))})")
+        print(f"[sweep] {event} | {len(done)}/{self.total} done ({stopped} stopped early), {running} running, "
+              f"{failed} failed{best}", flush=True)
+
+    def on_trial_start(self, iteration, trials, trial, **info):
+        self._line(trials, f"started {trial.trial_id} ({short_params(trial_overrides(trial.config))})")
+
+    def on_trial_complete(self, iteration, trials, trial, **info):
+        how = "finished" if (trial.last_result or {}).get("evaluated") else "stopped early (ASHA)"
+        self._line(trials, f"{trial.trial_id} {how}", trial, "TERMINATED")
+
+    def on_trial_error(self, iteration, trials, trial, **info):
+        self._line(trials, f"{trial.trial_id} FAILED", trial, "ERROR")
+
+
+def run_sweep(space: SearchSpace, base: ExperimentConfig, sweep_dir: Path, parent: Tracker, resume: bool,
+              max_concurrent: int | None = None, on_trial: Callable[[ExperimentConfig], None] | None = None
+              ) -> list[TrialRow]:
+    """Run (or continue) the sweep on the connected Ray cluster; one row per trial, finished or not."""
+    context = SweepContext(base.model_dump(mode="json"), str(sweep_dir / "trials"), parent.uri, parent.run_id,
+                           on_trial)
+    trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=context),
+                                    lambda params: trial_resources(base.with_overrides(trial_overrides(params))))
+    at_once = trials_at_once(base, space, max_concurrent)
+    print(f"[sweep] {sweep_dir.name}: {space.num_trials()} trial(s), {at_once} at a time "
+          f"({cpus_needed(base)} CPUs each, cluster {ray.cluster_resources().get('CPU', 0):g}); "
+          f"early stopping {'ASHA' if space.early_stopping else 'off'}", flush=True)
+    if resume:
+        tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True, resume_errored=True)
+    else:
+        tuner = tune.Tuner(
+            trainable,
+            param_space={key: _tune_domain(domain) for key, domain in space.params.items()},
+            tune_config=tune.TuneConfig(
+                scheduler=_scheduler(space, base), num_samples=space.num_samples, max_concurrent_trials=at_once,
+                trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname,
+            ),
+            run_config=tune.RunConfig(
+                name=sweep_dir.name, storage_path=str(sweep_dir.parent), verbose=0,
+                callbacks=[SweepProgress(space.num_trials())],
+                failure_config=tune.FailureConfig(max_failures=0),  # a failed trial is reported, the rest go on
+            ),
+        )
+    results = tuner.fit()
+    return [_row(result, sweep_dir, base) for result in results]
+
+
+def _row(result, sweep_dir: Path, base: ExperimentConfig) -> TrialRow:
+    """A trial's errors after each refinement step: its evaluation (summary.json) when it finished, else the
+    held-out monitor of its last report (ASHA stopped it, or it failed)."""
+    trial_id = Path(result.path).name.removeprefix("tune_")
+    overrides = trial_overrides(result.config)
+    cfg = base.with_overrides(overrides)
+    metrics = result.metrics or {}
+    run_dir = sweep_dir / "trials" / trial_id
+    summary_file = run_dir / "summary.json"
+    if result.error is not None:
+        status = "failed"
+    elif metrics.get("evaluated"):
+        status = "finished"
+    else:
+        status = "stopped early"
+    if status == "finished" and summary_file.exists():
+        errors = json.loads(summary_file.read_text())["per_step"]["refiner"][1:cfg.task.steps + 1]
+        source = "evaluation"
+    else:
+        errors = [metrics[f"train/heldout_error/step_{i}"] for i in range(1, cfg.task.steps + 1)
+                  if f"train/heldout_error/step_{i}" in metrics]
+        source = "held-out monitor" if errors else ""
+    run_id_file = run_dir / "mlflow_run_id"
+    return TrialRow(
+        trial=trial_id, status=status, params=overrides, steps=cfg.task.steps,
+        regime=(cfg.regime.kind, cfg.regime.signal),
+        learner_steps=int(metrics.get("learner_step", 0)), errors=[float(e) for e in errors], source=source,
+        error=None if result.error is None else failure_line(result.error),
+        run_dir=run_dir, mlflow_run_id=run_id_file.read_text().strip() if run_id_file.exists() else None,
+    )
+
+
+
+def failure_line(error: BaseException) -> str:
+    """The exception the trial raised (not Ray's wrapper around it), on one line."""
+    cause = getattr(error, "cause", None) or error
+    lines = [line for line in str(cause).splitlines() if line.strip()]
+    return f"{type(cause).__name__}: {lines[-1] if lines else ''}".strip()

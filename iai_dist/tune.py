@@ -1,0 +1,160 @@
+"""Sweep step counts, batch sizes, signal mixes, learning rates: a Ray Tune sweep of training jobs.
+
+    python -m iai_dist.tune --space tune_spaces/NAME.yaml [--preset NAME] [--set KEY=VALUE ...]
+                            [--name NAME] [--resume] [--max-concurrent N]
+
+Every trial is a whole `python -m iai_dist.train` job on the Ray service (learner + episode workers, then
+the evaluation), logged as a child run of the sweep's MLflow run. The sweep directory runs/<name> holds
+Tune's state, every trial's run (trials/<id>) and the summary (summary.csv, summary.md, plots), which the
+parent run also carries, with the best trial's checkpoint. `--resume` continues an interrupted sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from iai_dist.config import ConfigError, ExperimentConfig
+from iai_dist.evaluate import metric_name
+from iai_dist.search_space import SearchSpace, load_space
+from iai_dist.sweep_report import best_trial, markdown_table, plot_sweep, write_csv
+from iai_dist.tasks import build_family
+from iai_dist.tracking import Tracker
+
+STATE_FILE = "sweep.json"  # the space and base config a sweep was started with; --resume checks them
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m iai_dist.tune", description=__doc__.splitlines()[0])
+    parser.add_argument("--space", type=Path, required=True, help="a search-space YAML file (tune_spaces/*.yaml)")
+    parser.add_argument("--preset", help="the base experiment (default: the space file's preset, else default)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="dotted override of the base config for every trial, repeatable")
+    parser.add_argument("--name", help="the sweep's name and directory under tracking.runs_dir "
+                                       "(default: <space>-<date>-<time>; with --resume: the newest sweep of --space)")
+    parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep: unfinished and "
+                        "failed trials resume from their last checkpoints, finished ones are kept")
+    parser.add_argument("--max-concurrent", type=int, metavar="N",
+                        help="at most N trials at once (default: as many as the cluster's resources hold)")
+    return parser.parse_args(argv)
+
+
+def sweep_state(space_file: Path, space: SearchSpace, base: ExperimentConfig) -> dict:
+    return {"space_file": space_file.name, "space": space.model_dump(mode="json"), "base": base.model_dump(mode="json")}
+
+
+def prepare_sweep_dir(args: argparse.Namespace, space: SearchSpace, base: ExperimentConfig) -> Path:
+    """runs/<name>, new or (with --resume) the interrupted sweep of the same space and config."""
+    runs_dir = Path(base.tracking.runs_dir).resolve()
+    state = sweep_state(args.space, space, base)
+    if not args.resume:
+        name = args.name or f"{args.space.stem}-{time.strftime('%Y%m%d-%H%M%S')}"
+        sweep_dir = runs_dir / name
+        if sweep_dir.exists():
+            raise ConfigError(f"sweep {name!r} already exists in {runs_dir}: add --resume to continue it, "
+                              "or pick another --name")
+        sweep_dir.mkdir(parents=True)
+        (sweep_dir / STATE_FILE).write_text(json.dumps(state, indent=1))
+        return sweep_dir
+    if args.name:
+        sweep_dir = runs_dir / args.name
+    else:
+        mine = [p.parent for p in runs_dir.glob(f"*/{STATE_FILE}")
+                if json.loads(p.read_text()).get("space_file") == args.space.name]
+        if not mine:
+            raise ConfigError(f"--resume: no sweep of {args.space.name} in {runs_dir}; give its --name")
+        sweep_dir = max(mine, key=lambda p: (p / STATE_FILE).stat().st_mtime)
+    if not (sweep_dir / STATE_FILE).is_file():
+        raise ConfigError(f"--resume: {sweep_dir} is not a sweep directory (no {STATE_FILE})")
+    from ray import tune
+
+    if not tune.Tuner.can_restore(str(sweep_dir)):
+        raise ConfigError(f"--resume: {sweep_dir} has no Tune state to resume (the sweep never started a trial)")
+    started = json.loads((sweep_dir / STATE_FILE).read_text())
+    for part in ("space", "base"):
+        if started[part] != state[part]:
+            what = "search space" if part == "space" else "base config"
+            diff = _first_difference(started[part], state[part])
+            raise ConfigError(f"--resume: sweep {sweep_dir.name} was started with another {what} ({diff}); "
+                              "resume it with the same file, preset and --set, or start a new sweep")
+    return sweep_dir
+
+
+def _first_difference(old, new, prefix: str = "") -> str:
+    if isinstance(old, dict) and isinstance(new, dict):
+        for key in sorted(set(old) | set(new), key=str):
+            if old.get(key) != new.get(key):
+                return _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
+    return f"{prefix.rstrip('.')}: {old!r} then, {new!r} now"
+
+
+def publish(rows, sweep_dir: Path, parent: Tracker, metric: str) -> str:
+    """Summary CSV + markdown + plots into the sweep directory and the parent run; the best trial's
+    checkpoint too; children Tune stopped or that crashed are marked ended. Returns the markdown."""
+    table = markdown_table(rows, metric)
+    (sweep_dir / "summary.md").write_text(table + "\n")
+    for path in (write_csv(rows, sweep_dir / "summary.csv"), sweep_dir / "summary.md",
+                 *plot_sweep(rows, sweep_dir, metric)):
+        parent.log_artifact(path)
+    best = best_trial(rows)
+    if best is not None:
+        parent.log_artifact(best.run_dir / "checkpoint.pt", "best_trial")
+        parent.log_artifact(best.run_dir / "config.yaml", "best_trial")
+        parent.log_metrics({"sweep/best_error_at_K": best.final}, 0)
+    counts = {s: sum(r.status == s for r in rows) for s in ("finished", "stopped early", "failed")}
+    parent.log_metrics({f"sweep/trials_{s.replace(' ', '_')}": n for s, n in counts.items()}, 0)
+    parent.end_open_runs({r.mlflow_run_id: "KILLED" if r.status == "stopped early" else "FAILED"
+                          for r in rows if r.mlflow_run_id and r.status != "finished"})
+    return table
+
+
+def main(argv: list[str] | None = None, on_trial=None) -> int:
+    """`on_trial(cfg)` runs inside every trial before it trains (fault injection in tests)."""
+    args = parse_args(argv)
+    try:
+        space, base = load_space(args.space, args.preset, args.overrides)
+        if args.max_concurrent is not None and args.max_concurrent < 1:
+            raise ConfigError(f"--max-concurrent: expected a positive number of trials (got {args.max_concurrent})")
+        build_family(base.task)  # missing image data stops here, before any trial
+        sweep_dir = prepare_sweep_dir(args, space, base)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    from iai_dist.service import ray_session
+    from iai_dist.service.sweep import run_sweep
+
+    parent = Tracker(base, sweep_dir, sweep_dir.parent, run_name=sweep_dir.name)
+    if not args.resume:
+        parent.log_params({f"sweep.{key}": f"{d.kind} {list(d.values)}" for key, d in space.params.items()})
+        parent.log_artifact(args.space)
+    try:
+        with ray_session(base):
+            rows = run_sweep(space, base, sweep_dir, parent, args.resume, args.max_concurrent, on_trial)
+        table = publish(rows, sweep_dir, parent, metric_name(build_family(base.task).kind))
+    except BaseException:
+        parent.finish("FAILED")
+        raise
+    parent.finish()
+    print()
+    print(table)
+    print()
+    best = best_trial(rows)
+    if best is not None:
+        print(f"best trial:  {best.trial} ({best.final:.3g}% after step {best.steps}); checkpoint "
+              f"{best.run_dir / 'checkpoint.pt'}")
+    print(f"sweep directory: {sweep_dir} (summary.csv, summary.md, plots; trials/<id> per trial)")
+    if parent.enabled:
+        print(f"MLflow parent run {parent.run_id}; browse with: make ui")
+    failed = [r for r in rows if r.status == "failed"]
+    if failed:
+        print(f"{len(failed)} trial(s) failed: {', '.join(r.trial for r in failed)}; "
+              "`--resume` retries them from their last checkpoints", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
