@@ -39,6 +39,8 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
     "linreg-paper/parametric/obs": ("linreg-paper", ["regime.signal=obs"]),
     "linreg-paper/parametric/grad": ("linreg-paper", ["regime.signal=grad"]),
     "linreg-paper/parametric/obs+grad": ("linreg-paper", []),
+    "linreg-paper/explicit/obs": ("linreg-paper", ["regime.kind=explicit", "regime.signal=obs"]),
+    "linreg-paper/explicit/grad": ("linreg-paper", ["regime.kind=explicit", "regime.signal=grad"]),
     "linreg-paper/explicit/obs+grad": ("linreg-paper", ["regime.kind=explicit"]),
     # implicit: every query point is a token, so train and score on 16 query points per episode (not 100)
     "linreg-paper/implicit/obs": ("linreg-paper", ["regime.kind=implicit", "regime.signal=obs", "task.query_size=16"]),
@@ -247,7 +249,12 @@ def main(argv: list[str] | None = None) -> None:
     m.add_argument("--preset", default="default")
     m.add_argument("--at", default="5,30", help="minutes at which to report")
     m.add_argument("--every", type=float, default=10.0, help="seconds between samples")
-    for p in (q, t, s, tr, sa, r, m):
+    sw = sub.add_parser("sweep")
+    sw.add_argument("--space", type=Path, default=Path("tune_spaces/steps.yaml"), help="a grid-only space file")
+    sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sw.add_argument("--max-concurrent", type=int, default=1, help="trials at once in the sweep (1: the same "
+                    "hardware use as the one-after-another runs, so the difference is the sweep's overhead)")
+    for p in (q, t, s, tr, sa, r, m, sw):
         p.add_argument("--out", default="bench_results")
     one = sub.add_parser("_scaling_one")
     one.add_argument("mode")
@@ -262,7 +269,7 @@ def main(argv: list[str] | None = None) -> None:
         args.one_step_minutes = args.minutes
     if args.bench == "transfer" and args.one_step_minutes is None:
         args.one_step_minutes = args.minutes / 2
-    if args.bench in ("throughput", "memory"):
+    if args.bench in ("throughput", "memory", "sweep"):
         from iai_dist.service import bench as service_bench  # Ray only where the benchmark needs it
 
         getattr(service_bench, args.bench)(args)

@@ -12,13 +12,13 @@ from typing import Any
 from iai_dist.evaluate import format_error
 from iai_dist.training import report_steps
 
-STATUS_ORDER = {"finished": 0, "stopped early": 1, "failed": 2}
+STATUS_ORDER = {"finished": 0, "stopped early": 1, "unfinished": 2, "failed": 3}
 
 
 @dataclass
 class TrialRow:
     trial: str
-    status: str  # finished | stopped early | failed
+    status: str  # finished | stopped early (by ASHA) | unfinished (the sweep was interrupted) | failed
     params: dict[str, Any]  # the trial's drawn values, as dotted config overrides
     steps: int  # K
     regime: tuple[str, str]  # (kind, signal) the trial ran with
@@ -45,7 +45,7 @@ def _fmt(value: Any) -> str:
 
 
 def ordered(rows: list[TrialRow]) -> list[TrialRow]:
-    """Finished trials first, best first; then stopped early; then failed."""
+    """Finished trials first, best first; then stopped early, unfinished, failed."""
     return sorted(rows, key=lambda r: (STATUS_ORDER[r.status], r.final if r.final is not None else float("inf"), r.trial))
 
 
@@ -82,7 +82,7 @@ def markdown_table(rows: list[TrialRow], metric: str) -> str:
     columns = sorted({s for r in rows for s in report_steps(r.steps, r.steps)})
     head = ["trial", "status", *[k.rsplit(".", 1)[-1] for k in keys], "K", *[f"step {s}" for s in columns]]
     lines = [f"{metric} on held-out episodes after each refinement step (finished trials: their evaluation; "
-             "stopped or failed ones: the last held-out monitor)", "",
+             "the others: the last held-out monitor)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in ordered(rows):
         cells = [r.trial, r.status, *[_fmt(r.params.get(k, "")) for k in keys], str(r.steps)]
@@ -113,7 +113,7 @@ def plot_sweep(rows: list[TrialRow], out_dir: Path, metric: str) -> list[Path]:
     ax.set(yscale="log", xlabel="refinement step (mini-batches read)", ylabel=metric,
            title="held-out query error after each refinement step, one line per trial")
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=6, loc="upper right")
+    ax.legend(fontsize=6, loc="best")
     paths.append(_save(fig, out_dir / "error_vs_step.png"))
 
     finals = [r for r in scored if r.final is not None]

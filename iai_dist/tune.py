@@ -5,8 +5,9 @@
 
 Every trial is a whole `python -m iai_dist.train` job on the Ray service (learner + episode workers, then
 the evaluation), logged as a child run of the sweep's MLflow run. The sweep directory runs/<name> holds
-Tune's state, every trial's run (trials/<id>) and the summary (summary.csv, summary.md, plots), which the
-parent run also carries, with the best trial's checkpoint. `--resume` continues an interrupted sweep.
+Tune's state (tune/), every trial's run (trials/<id>) and the summary (summary.csv, summary.md, plots),
+which the parent run also carries, with the best trial's checkpoint. `--resume` continues an interrupted
+sweep.
 """
 
 from __future__ import annotations
@@ -71,7 +72,9 @@ def prepare_sweep_dir(args: argparse.Namespace, space: SearchSpace, base: Experi
         raise ConfigError(f"--resume: {sweep_dir} is not a sweep directory (no {STATE_FILE})")
     from ray import tune
 
-    if not tune.Tuner.can_restore(str(sweep_dir)):
+    from iai_dist.service.sweep import TUNE_DIR
+
+    if not tune.Tuner.can_restore(str(sweep_dir / TUNE_DIR)):
         raise ConfigError(f"--resume: {sweep_dir} has no Tune state to resume (the sweep never started a trial)")
     started = json.loads((sweep_dir / STATE_FILE).read_text())
     for part in ("space", "base"):
@@ -104,9 +107,9 @@ def publish(rows, sweep_dir: Path, parent: Tracker, metric: str) -> str:
         parent.log_artifact(best.run_dir / "checkpoint.pt", "best_trial")
         parent.log_artifact(best.run_dir / "config.yaml", "best_trial")
         parent.log_metrics({"sweep/best_error_at_K": best.final}, 0)
-    counts = {s: sum(r.status == s for r in rows) for s in ("finished", "stopped early", "failed")}
+    counts = {s: sum(r.status == s for r in rows) for s in ("finished", "stopped early", "unfinished", "failed")}
     parent.log_metrics({f"sweep/trials_{s.replace(' ', '_')}": n for s, n in counts.items()}, 0)
-    parent.end_open_runs({r.mlflow_run_id: "KILLED" if r.status == "stopped early" else "FAILED"
+    parent.end_open_runs({r.mlflow_run_id: "FAILED" if r.status == "failed" else "KILLED"
                           for r in rows if r.mlflow_run_id and r.status != "finished"})
     return table
 
@@ -148,10 +151,13 @@ def main(argv: list[str] | None = None, on_trial=None) -> int:
     print(f"sweep directory: {sweep_dir} (summary.csv, summary.md, plots; trials/<id> per trial)")
     if parent.enabled:
         print(f"MLflow parent run {parent.run_id}; browse with: make ui")
-    failed = [r for r in rows if r.status == "failed"]
-    if failed:
-        print(f"{len(failed)} trial(s) failed: {', '.join(r.trial for r in failed)}; "
-              "`--resume` retries them from their last checkpoints", file=sys.stderr)
+    failed = [r.trial for r in rows if r.status == "failed"]
+    unfinished = [r.trial for r in rows if r.status == "unfinished"]
+    if failed or unfinished:
+        again = f"python -m iai_dist.tune --space {args.space} --name {sweep_dir.name} --resume (and the same --preset, --set)"
+        print(f"{len(failed)} trial(s) failed ({', '.join(failed) or '-'}), {len(unfinished)} unfinished "
+              f"({', '.join(unfinished) or '-'}); continue them from their last checkpoints with: {again}",
+              file=sys.stderr)
         return 1
     return 0
 

@@ -4,10 +4,13 @@ throughput: the same model trained (a) in process, (b) 1 learner + 1 episode wor
 transitions/s and learner idle % in the steady state, then (a) and (c) trained for the same wall-clock
 budget and scored on the same held-out episodes (what staleness costs).
 memory: one long `python -m iai_dist.train` run, the resident memory of the driver and of each worker.
+sweep: a grid space's trials as one Tune sweep vs the same trainings run one after another.
 """
 
 from __future__ import annotations
 
+import csv
+import itertools
 import json
 import os
 import signal
@@ -199,3 +202,73 @@ def _rss_by_role(driver) -> dict[str, float]:
             if tag in title and role not in roles:
                 roles[role] = rss
     return {role: rss / 2**20 for role, rss in roles.items()}
+
+
+def sweep(args) -> None:
+    """Sweep overhead: a grid space's trials as one `python -m iai_dist.tune` sweep, and the same trainings
+    one after another with `python -m iai_dist.train`; the wall clock of each whole command, side by side."""
+    from iai_dist.bench import write
+    from iai_dist.config import to_yaml
+    from iai_dist.search_space import load_space, trial_overrides
+
+    space, base = load_space(args.space, None, args.overrides)
+    if space.num_samples != 1 or any(d.kind != "grid" for d in space.params.values()):
+        raise SystemExit(f"{args.space}: bench sweep needs a grid-only space with num_samples 1")
+    keys = list(space.params)
+    trials = [trial_overrides(dict(zip(keys, combo)))
+              for combo in itertools.product(*(space.params[k].values for k in keys))]
+    out = Path(args.out).resolve()
+    root = out / f"sweep-bench-{time.strftime('%Y%m%d-%H%M%S')}"
+    root.mkdir(parents=True)
+    (root / "base.yaml").write_text(to_yaml(base))
+    env = {**os.environ, "RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "disabled")}
+    env.pop("MLFLOW_TRACKING_URI", None)
+
+    def timed(cmd: list[str], log: Path) -> float:
+        print(f"   $ {' '.join(cmd[1:])}", flush=True)
+        t0 = time.perf_counter()
+        with log.open("w") as f:
+            code = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=env).returncode
+        if code:
+            raise SystemExit(f"exit {code}; see {log}")
+        return time.perf_counter() - t0
+
+    sequential = []
+    print(f"== {len(trials)} trainings one after another (python -m iai_dist.train)", flush=True)
+    for i, sets in enumerate(trials):
+        cmd = [sys.executable, "-m", "iai_dist.train", "--config", str(root / "base.yaml"),
+               "--set", f"tracking.runs_dir={root / 'sequential'}", "--set", f"tracking.run_name=t{i}",
+               *[arg for k, v in sets.items() for arg in ("--set", f"{k}={json.dumps(v)}")]]
+        seconds = timed(cmd, root / f"sequential-{i}.log")
+        summary = json.loads((root / "sequential" / f"t{i}" / "summary.json").read_text())
+        sequential.append({"params": sets, "seconds": seconds,
+                           "error_at_K": summary["per_step"]["refiner"][summary["K"]]})
+        print(f"   {seconds:.0f} s; error after step K {sequential[-1]['error_at_K']:.3g}%", flush=True)
+    print(f"== the same {len(trials)} as one sweep (python -m iai_dist.tune, {args.max_concurrent} at a time)",
+          flush=True)
+    cmd = [sys.executable, "-m", "iai_dist.tune", "--space", str(args.space), "--name", "sweep",
+           "--max-concurrent", str(args.max_concurrent), "--set", f"tracking.runs_dir={root}",
+           *[arg for o in args.overrides for arg in ("--set", o)]]
+    sweep_s = timed(cmd, root / "sweep.log")
+    with (root / "sweep" / "summary.csv").open() as f:
+        swept = {json.dumps({k: _typed(row[k]) for k in trials[0]}): float(row["error_at_K"]) for row in csv.DictReader(f)}
+    seq_s = sum(t["seconds"] for t in sequential)
+    lines = ["| trial | sequential: seconds | sequential: error after K | sweep: error after K |", "|---|---|---|---|"]
+    for t in sequential:
+        label = " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in t["params"].items())
+        lines.append(f"| {label} | {t['seconds']:.0f} | {t['error_at_K']:.3g} | {swept.get(json.dumps(t['params']), float('nan')):.3g} |")
+    table = "\n".join(lines) + (
+        f"\n\n| | wall seconds | x sequential |\n|---|---|---|\n| {len(trials)} x python -m iai_dist.train | {seq_s:.0f} | 1.00 |\n"
+        f"| python -m iai_dist.tune ({args.max_concurrent} at a time) | {sweep_s:.0f} | {sweep_s / seq_s:.2f} |\n\n"
+        f"space {args.space}, overrides {args.overrides or 'none'}; each command timed whole (Ray start-up, "
+        f"training, evaluation, MLflow); logs in {root}")
+    write(out, "sweep", {"space": str(args.space), "overrides": args.overrides, "max_concurrent": args.max_concurrent,
+                         "sequential": sequential, "sequential_s": seq_s, "sweep_s": sweep_s, "runs": str(root)}, table)
+
+
+def _typed(text: str):
+    """A summary.csv cell back to the value the space gave (numbers, booleans, strings)."""
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text

@@ -27,6 +27,10 @@ from iai_dist.service.runtime import cpus_needed
 from iai_dist.sweep_report import TrialRow, short_params
 from iai_dist.tracking import Tracker
 
+# Tune's experiment directory inside the sweep's: Tune stages it and copies it back over storage, so
+# files of ours kept there could be overwritten by stale copies
+TUNE_DIR = "tune"
+ENDED_FILE = "trials_ended.json"  # trial id -> finished | stopped early | failed, as the trials end
 TRIAL_CPUS = 1.0  # the trial's own process: it drives the TorchTrainer, then evaluates (counted in cpus_needed)
 
 
@@ -107,12 +111,15 @@ def _scheduler(space: SearchSpace, base: ExperimentConfig):
     if "train.max_steps" in space.params:
         max_t = max(int(v) for v in space.params["train.max_steps"].probes())
     es = space.early_stopping
+    # stop_last_trials=False: a trial that trained to the end goes on to its evaluation (Tune's default
+    # would stop it at max_t, right before that)
     return ASHAScheduler(time_attr="learner_step", metric="heldout_error", mode="min", max_t=max_t,
-                         grace_period=min(es.grace_steps, max_t), reduction_factor=es.reduction_factor)
+                         grace_period=min(es.grace_steps, max_t), reduction_factor=es.reduction_factor,
+                         stop_last_trials=False)
 
 
 def _trial_dirname(trial) -> str:
-    return f"tune_{trial.trial_id}"
+    return f"trial_{trial.trial_id}"
 
 
 def _trial_name(trial) -> str:
@@ -120,36 +127,45 @@ def _trial_name(trial) -> str:
 
 
 class SweepProgress(tune.Callback):
-    """One line per trial event on the driver: done (and how many ASHA stopped), running, failed, the best."""
+    """One line per trial event on the driver (done, stopped early, running, failed, the best so far), and
+    how each trial ended, kept in a file: Tune also marks the trials it cuts off at an interruption as
+    terminated, and only these events tell them apart from the ones that ended."""
 
-    def __init__(self, total: int):
-        self.total = total
+    def __init__(self, total: int, ended_file: Path):
+        self.total, self.ended_file = total, ended_file
 
-    def _line(self, trials: list, event: str, ended: Any = None, ended_as: str = "") -> None:
-        """`ended`: the trial this event ends, whose status Tune updates only after the callbacks."""
-        status = {t.trial_id: (ended_as if t is ended else t.status) for t in trials}
-        done = [t for t in trials if status[t.trial_id] == "TERMINATED"]
-        stopped = sum(1 for t in done if not (t.last_result or {}).get("evaluated"))
-        running = sum(1 for t in trials if status[t.trial_id] == "RUNNING")
-        failed = sum(1 for t in trials if status[t.trial_id] == "ERROR")
+    def ended(self) -> dict[str, str]:
+        return json.loads(self.ended_file.read_text()) if self.ended_file.exists() else {}
+
+    def _end(self, trial, how: str) -> None:
+        self.ended_file.write_text(json.dumps({**self.ended(), trial.trial_id: how}, indent=1))
+
+    def _line(self, trials: list, event: str) -> None:
+        ended = self.ended()
+        done = sum(1 for t in trials if ended.get(t.trial_id) in ("finished", "stopped early"))
+        stopped = sum(1 for t in trials if ended.get(t.trial_id) == "stopped early")
+        failed = sum(1 for t in trials if ended.get(t.trial_id) == "failed")
+        running = sum(1 for t in trials if t.status == "RUNNING" and t.trial_id not in ended)
         scored = [t for t in trials if "heldout_error" in (t.last_result or {})]
         best = ""
         if scored:
             b = min(scored, key=lambda t: t.last_result["heldout_error"])
             best = (f" | best so far {b.trial_id} {b.last_result['heldout_error']:.3g}% after step K at learner step "
                     f"{b.last_result.get('learner_step', '?')} ({short_params(trial_overrides(b.config))})")
-        print(f"[sweep] {event} | {len(done)}/{self.total} done ({stopped} stopped early), {running} running, "
+        print(f"[sweep] {event} | {done}/{self.total} done ({stopped} stopped early), {running} running, "
               f"{failed} failed{best}", flush=True)
 
     def on_trial_start(self, iteration, trials, trial, **info):
         self._line(trials, f"started {trial.trial_id} ({short_params(trial_overrides(trial.config))})")
 
     def on_trial_complete(self, iteration, trials, trial, **info):
-        how = "finished" if (trial.last_result or {}).get("evaluated") else "stopped early (ASHA)"
-        self._line(trials, f"{trial.trial_id} {how}", trial, "TERMINATED")
+        how = "finished" if (trial.last_result or {}).get("evaluated") else "stopped early"
+        self._end(trial, how)
+        self._line(trials, f"{trial.trial_id} {how}")
 
     def on_trial_error(self, iteration, trials, trial, **info):
-        self._line(trials, f"{trial.trial_id} FAILED", trial, "ERROR")
+        self._end(trial, "failed")
+        self._line(trials, f"{trial.trial_id} FAILED")
 
 
 def run_sweep(space: SearchSpace, base: ExperimentConfig, sweep_dir: Path, parent: Tracker, resume: bool,
@@ -165,7 +181,7 @@ def run_sweep(space: SearchSpace, base: ExperimentConfig, sweep_dir: Path, paren
           f"({cpus_needed(base)} CPUs each, cluster {ray.cluster_resources().get('CPU', 0):g}); "
           f"early stopping {'ASHA' if space.early_stopping else 'off'}", flush=True)
     if resume:
-        tuner = tune.Tuner.restore(str(sweep_dir), trainable, resume_unfinished=True, resume_errored=True)
+        tuner = tune.Tuner.restore(str(sweep_dir / TUNE_DIR), trainable, resume_unfinished=True, resume_errored=True)
     else:
         tuner = tune.Tuner(
             trainable,
@@ -175,30 +191,26 @@ def run_sweep(space: SearchSpace, base: ExperimentConfig, sweep_dir: Path, paren
                 trial_name_creator=_trial_name, trial_dirname_creator=_trial_dirname,
             ),
             run_config=tune.RunConfig(
-                name=sweep_dir.name, storage_path=str(sweep_dir.parent), verbose=0,
-                callbacks=[SweepProgress(space.num_trials())],
+                name=TUNE_DIR, storage_path=str(sweep_dir), verbose=0,
+                callbacks=[SweepProgress(space.num_trials(), sweep_dir / ENDED_FILE)],
                 failure_config=tune.FailureConfig(max_failures=0),  # a failed trial is reported, the rest go on
             ),
         )
     results = tuner.fit()
-    return [_row(result, sweep_dir, base) for result in results]
+    ended = SweepProgress(0, sweep_dir / ENDED_FILE).ended()
+    return [_row(result, ended, sweep_dir, base) for result in results]
 
 
-def _row(result, sweep_dir: Path, base: ExperimentConfig) -> TrialRow:
+def _row(result, ended: dict[str, str], sweep_dir: Path, base: ExperimentConfig) -> TrialRow:
     """A trial's errors after each refinement step: its evaluation (summary.json) when it finished, else the
-    held-out monitor of its last report (ASHA stopped it, or it failed)."""
-    trial_id = Path(result.path).name.removeprefix("tune_")
+    held-out monitor of its last report (ASHA stopped it, it failed, or the sweep was interrupted)."""
+    trial_id = Path(result.path).name.removeprefix("trial_")
     overrides = trial_overrides(result.config)
     cfg = base.with_overrides(overrides)
     metrics = result.metrics or {}
     run_dir = sweep_dir / "trials" / trial_id
     summary_file = run_dir / "summary.json"
-    if result.error is not None:
-        status = "failed"
-    elif metrics.get("evaluated"):
-        status = "finished"
-    else:
-        status = "stopped early"
+    status = ended.get(trial_id, "unfinished")  # unfinished: the sweep was interrupted; --resume continues it
     if status == "finished" and summary_file.exists():
         errors = json.loads(summary_file.read_text())["per_step"]["refiner"][1:cfg.task.steps + 1]
         source = "evaluation"
@@ -211,7 +223,7 @@ def _row(result, sweep_dir: Path, base: ExperimentConfig) -> TrialRow:
         trial=trial_id, status=status, params=overrides, steps=cfg.task.steps,
         regime=(cfg.regime.kind, cfg.regime.signal),
         learner_steps=int(metrics.get("learner_step", 0)), errors=[float(e) for e in errors], source=source,
-        error=None if result.error is None else failure_line(result.error),
+        error=None if result.error is None or status != "failed" else failure_line(result.error),
         run_dir=run_dir, mlflow_run_id=run_id_file.read_text().strip() if run_id_file.exists() else None,
     )
 
