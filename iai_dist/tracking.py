@@ -91,16 +91,16 @@ class Tracker:
         if self.enabled:
             self._mlflow.log_params(params)
 
-    def end_open_runs(self, statuses: dict[str, str]) -> None:
-        """End other runs still marked RUNNING (a sweep's trials that Tune stopped or that crashed never
-        closed their own) with the given status: KILLED, FAILED."""
+    def set_statuses(self, statuses: dict[str, str]) -> None:
+        """Final status of other runs (a sweep's trials): a trial Tune stops or cuts off either never ends
+        its own run or ends it FAILED, when the stop interrupts it; KILLED is what happened."""
         if not self.enabled:
             return
         from mlflow.tracking import MlflowClient
 
         client = MlflowClient(self.uri)
         for run_id, status in statuses.items():
-            if client.get_run(run_id).info.status == "RUNNING":
+            if client.get_run(run_id).info.status != status:
                 client.set_terminated(run_id, status)
 
     def log_summary(self, summary: dict) -> None:

@@ -96,7 +96,7 @@ def _first_difference(old, new, prefix: str = "") -> str:
 
 def publish(rows, sweep_dir: Path, parent: Tracker, metric: str) -> str:
     """Summary CSV + markdown + plots into the sweep directory and the parent run; the best trial's
-    checkpoint too; children Tune stopped or that crashed are marked ended. Returns the markdown."""
+    checkpoint too; the children that did not finish get their status. Returns the markdown."""
     table = markdown_table(rows, metric)
     (sweep_dir / "summary.md").write_text(table + "\n")
     for path in (write_csv(rows, sweep_dir / "summary.csv"), sweep_dir / "summary.md",
@@ -109,8 +109,8 @@ def publish(rows, sweep_dir: Path, parent: Tracker, metric: str) -> str:
         parent.log_metrics({"sweep/best_error_at_K": best.final}, 0)
     counts = {s: sum(r.status == s for r in rows) for s in ("finished", "stopped early", "unfinished", "failed")}
     parent.log_metrics({f"sweep/trials_{s.replace(' ', '_')}": n for s, n in counts.items()}, 0)
-    parent.end_open_runs({r.mlflow_run_id: "FAILED" if r.status == "failed" else "KILLED"
-                          for r in rows if r.mlflow_run_id and r.status != "finished"})
+    parent.set_statuses({r.mlflow_run_id: "FAILED" if r.status == "failed" else "KILLED"
+                         for r in rows if r.mlflow_run_id and r.status != "finished"})
     return table
 
 
