@@ -97,7 +97,7 @@ def quality(args) -> None:
     results, tables = {}, []
     for name in names:
         preset, overrides = SETTINGS[name]
-        cfg = load_config(preset, overrides=[*overrides, f"eval.episodes={args.episodes}"])
+        cfg = load_config(preset, overrides=[*overrides, *args.overrides, f"eval.episodes={args.episodes}"])
         print(f"== {name}: training {args.minutes} min (+{args.one_step_minutes} min for the one-step model)", flush=True)
         trainer, seconds = train_for(cfg, args.minutes, name)
         one = None
@@ -238,7 +238,7 @@ def main(argv: list[str] | None = None) -> None:
     sa.add_argument("--presets", default="digits,fashion-mnist-8x8,fashion-mnist")
     sa.add_argument("--steps", type=int, default=5, help="learner steps timed per regime")
     sa.add_argument("--seconds", type=float, default=3.0, help="time the sampler alone this long")
-    for p in (tr, sa):
+    for p in (q, tr, sa):
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     r = sub.add_parser("throughput")
     r.add_argument("--preset", default="linreg-paper")
