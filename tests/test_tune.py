@@ -97,6 +97,16 @@ def test_cli_refuses_a_bad_space_before_any_work(tmp_path, capsys):
     assert "does not exist" in capsys.readouterr().err
 
 
+def test_trials_at_once_counts_each_trials_learners_and_episode_workers(ray_local, tmp_path):
+    from iai_dist.service.sweep import trials_at_once
+
+    # the session's Ray has 4 CPUs; a tiny trial holds 1 (itself) + 0.5 (learner) + 0.5 per episode worker
+    space, base = load_space(_space(tmp_path, {"task.steps": {"grid": [1, 2, 3]}}))
+    assert trials_at_once(base, space, None) == 2 and trials_at_once(base, space, 1) == 1
+    space, base = load_space(_space(tmp_path, {"distributed.episode_workers": {"grid": [1, 3]}}))
+    assert trials_at_once(base, space, None) == 1  # the 3-worker trials need 3 CPUs
+
+
 def _fail_implicit(cfg) -> None:
     if cfg.regime.kind == "implicit":
         raise RuntimeError("injected trial failure")

@@ -83,14 +83,16 @@ def trial_resources(cfg: ExperimentConfig) -> tune.PlacementGroupFactory:
 
 
 def trials_at_once(base: ExperimentConfig, space: SearchSpace, cap: int | None) -> int:
-    """As many trials as the cluster's CPUs (and GPUs) hold, each with its learners and episode workers;
-    at least one, at most the number of trials (or `cap`)."""
+    """As many trials as the cluster's CPUs (and GPUs) hold, each with its learners and episode workers
+    (the largest trial, where the space varies distributed.*); at least one, at most the number of
+    trials (or `cap`)."""
     resources = ray.cluster_resources()
-    fit = resources.get("CPU", 1) // cpus_needed(base)
-    d = base.distributed
-    if d.use_gpu:
-        gpus = d.num_workers + d.episode_workers * d.episode_worker_gpus
-        fit = min(fit, resources.get("GPU", 0) // gpus)
+    configs = [base] + [base.with_overrides(trial_overrides({key: value}))
+                        for key, domain in space.params.items() if key.startswith("distributed")
+                        for value in domain.probes()]
+    fit = min(resources.get("CPU", 1) // cpus_needed(cfg) for cfg in configs)
+    for d in (cfg.distributed for cfg in configs if cfg.distributed.use_gpu):
+        fit = min(fit, resources.get("GPU", 0) // (d.num_workers + d.episode_workers * d.episode_worker_gpus))
     n = min(max(1, int(fit)), space.num_trials())
     return min(n, cap) if cap else n
 
