@@ -8,7 +8,6 @@ additive update off the state tokens.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from iai_dist.config import ExperimentConfig, RefinerConfig

@@ -46,8 +46,8 @@ class RunLogger:
 class Tracker:
     """A thin wrapper that is a no-op when tracking is disabled, so the training loop never branches on it.
 
-    The run is created (or resumed, from run_dir/mlflow_run_id) here on the driver, with MLflow's system metrics (CPU, memory, GPU)
-    sampled in the background for as long as it is open.
+    The run is created (or resumed, from run_dir/mlflow_run_id) here on the driver, with MLflow's system
+    metrics (CPU, memory, GPU) sampled in the background for as long as it is open.
     """
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, runs_dir: Path, run_name: str | None = None,

@@ -154,7 +154,8 @@ def main(argv: list[str] | None = None, on_trial=None) -> int:
     failed = [r.trial for r in rows if r.status == "failed"]
     unfinished = [r.trial for r in rows if r.status == "unfinished"]
     if failed or unfinished:
-        again = f"python -m iai_dist.tune --space {args.space} --name {sweep_dir.name} --resume (and the same --preset, --set)"
+        again = (f"python -m iai_dist.tune --space {args.space} --name {sweep_dir.name} --resume "
+                 "(and the same --preset, --set)")
         print(f"{len(failed)} trial(s) failed ({', '.join(failed) or '-'}), {len(unfinished)} unfinished "
               f"({', '.join(unfinished) or '-'}); continue them from their last checkpoints with: {again}",
               file=sys.stderr)

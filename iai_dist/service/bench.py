@@ -250,15 +250,19 @@ def sweep(args) -> None:
            "--max-concurrent", str(args.max_concurrent), "--set", f"tracking.runs_dir={root}",
            *[arg for o in args.overrides for arg in ("--set", o)]]
     sweep_s = timed(cmd, root / "sweep.log")
-    with (root / "sweep" / "summary.csv").open() as f:
-        swept = {json.dumps({k: _typed(row[k]) for k in trials[0]}): float(row["error_at_K"]) for row in csv.DictReader(f)}
+    with (root / "sweep" / "summary.csv").open() as f:  # the sweep's error after K, keyed by trial values
+        swept = {json.dumps({k: _typed(row[k]) for k in trials[0]}): float(row["error_at_K"])
+                 for row in csv.DictReader(f)}
     seq_s = sum(t["seconds"] for t in sequential)
-    lines = ["| trial | sequential: seconds | sequential: error after K | sweep: error after K |", "|---|---|---|---|"]
+    lines = ["| trial | sequential: seconds | sequential: error after K | sweep: error after K |",
+             "|---|---|---|---|"]
     for t in sequential:
         label = " ".join(f"{k.rsplit('.', 1)[-1]}={v}" for k, v in t["params"].items())
-        lines.append(f"| {label} | {t['seconds']:.0f} | {t['error_at_K']:.3g} | {swept.get(json.dumps(t['params']), float('nan')):.3g} |")
+        in_sweep = swept.get(json.dumps(t["params"]), float("nan"))
+        lines.append(f"| {label} | {t['seconds']:.0f} | {t['error_at_K']:.3g} | {in_sweep:.3g} |")
     table = "\n".join(lines) + (
-        f"\n\n| | wall seconds | x sequential |\n|---|---|---|\n| {len(trials)} x python -m iai_dist.train | {seq_s:.0f} | 1.00 |\n"
+        f"\n\n| | wall seconds | x sequential |\n|---|---|---|\n"
+        f"| {len(trials)} x python -m iai_dist.train | {seq_s:.0f} | 1.00 |\n"
         f"| python -m iai_dist.tune ({args.max_concurrent} at a time) | {sweep_s:.0f} | {sweep_s / seq_s:.2f} |\n\n"
         f"space {args.space}, overrides {args.overrides or 'none'}; each command timed whole (Ray start-up, "
         f"training, evaluation, MLflow); logs in {root}")

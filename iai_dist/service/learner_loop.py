@@ -68,7 +68,7 @@ def learner_loop(config: dict) -> dict:
     # Ray Train logs each report at INFO under a logger named by file path, outside its own log-level filter
     logging.getLogger().setLevel(logging.WARNING)
     cfg = validate(config["config"], "learner config")
-    tc, d, k = cfg.train, cfg.distributed, cfg.task.steps
+    tc, d = cfg.train, cfg.distributed
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device()
