@@ -179,7 +179,10 @@ def load_space(path: str | Path, preset: str | None = None, overrides: tuple[str
         base = load_config(preset or space.preset).with_overrides(space.set)
     except ConfigError as exc:
         raise ConfigError(f"{source}: {str(exc).replace('overrides: ', 'set: ', 1)}") from None
-    base = base.with_overrides(dict(parse_override(item) for item in overrides)) if overrides else base
+    try:
+        base = base.with_overrides(dict(parse_override(item) for item in overrides)) if overrides else base
+    except ConfigError as exc:
+        raise ConfigError(str(exc).replace("overrides: ", "--set: ", 1)) from None
     if not base.distributed.num_workers:
         raise ConfigError(
             f"{source}: every trial runs on the Ray service, but the base config has distributed.num_workers=0; "

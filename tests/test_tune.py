@@ -95,6 +95,8 @@ def test_cli_refuses_a_bad_space_before_any_work(tmp_path, capsys):
     assert not runs.exists()
     assert tune.main(["--space", str(tmp_path / "missing.yaml")]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert tune.main(["--space", str(path), "--set", "train.lr=-1"]) == 2
+    assert "error: --set: train.lr: Input should be greater than 0 (got -1)" in capsys.readouterr().err
 
 
 def test_trials_at_once_counts_each_trials_learners_and_episode_workers(ray_local, tmp_path):
