@@ -314,8 +314,8 @@ def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def flatten(cfg: ExperimentConfig) -> dict[str, Any]:
-    """{'train.lr': 0.001, ...}: for MLflow params and readable diffs."""
+def flatten(cfg: BaseModel | dict[str, Any]) -> dict[str, Any]:
+    """{'train.lr': 0.001, ...}: for MLflow params and readable diffs (of a config or its dumped data)."""
     out: dict[str, Any] = {}
 
     def walk(prefix: str, values: dict[str, Any]) -> None:
@@ -325,7 +325,7 @@ def flatten(cfg: ExperimentConfig) -> dict[str, Any]:
             else:
                 out[f"{prefix}{key}"] = value
 
-    walk("", cfg.model_dump())
+    walk("", cfg.model_dump() if isinstance(cfg, BaseModel) else cfg)
     return out
 
 

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from iai_dist.config import ConfigError, ExperimentConfig
+from iai_dist.config import ConfigError, ExperimentConfig, flatten
 from iai_dist.evaluate import metric_name
 from iai_dist.search_space import SearchSpace, load_space
 from iai_dist.sweep_report import best_trial, markdown_table, plot_sweep, write_csv
@@ -77,21 +77,14 @@ def prepare_sweep_dir(args: argparse.Namespace, space: SearchSpace, base: Experi
     if not tune.Tuner.can_restore(str(sweep_dir / TUNE_DIR)):
         raise ConfigError(f"--resume: {sweep_dir} has no Tune state to resume (the sweep never started a trial)")
     started = json.loads((sweep_dir / STATE_FILE).read_text())
-    for part in ("space", "base"):
-        if started[part] != state[part]:
-            what = "search space" if part == "space" else "base config"
-            diff = _first_difference(started[part], state[part])
-            raise ConfigError(f"--resume: sweep {sweep_dir.name} was started with another {what} ({diff}); "
-                              "resume it with the same file, preset and --set, or start a new sweep")
+    for part, what in (("space", "search space"), ("base", "base config")):
+        old, new = flatten(started[part]), flatten(state[part])
+        diff = sorted(key for key in old.keys() | new.keys() if old.get(key) != new.get(key))
+        if diff:
+            raise ConfigError(f"--resume: sweep {sweep_dir.name} was started with another {what} ({diff[0]}: "
+                              f"{old.get(diff[0])!r} then, {new.get(diff[0])!r} now); resume it with the same "
+                              "file, preset and --set, or start a new sweep")
     return sweep_dir
-
-
-def _first_difference(old, new, prefix: str = "") -> str:
-    if isinstance(old, dict) and isinstance(new, dict):
-        for key in sorted(set(old) | set(new), key=str):
-            if old.get(key) != new.get(key):
-                return _first_difference(old.get(key), new.get(key), f"{prefix}{key}.")
-    return f"{prefix.rstrip('.')}: {old!r} then, {new!r} now"
 
 
 def publish(rows, sweep_dir: Path, parent: Tracker, metric: str) -> str:
@@ -121,7 +114,7 @@ def main(argv: list[str] | None = None, on_trial=None) -> int:
         space, base = load_space(args.space, args.preset, args.overrides)
         if args.max_concurrent is not None and args.max_concurrent < 1:
             raise ConfigError(f"--max-concurrent: expected a positive number of trials (got {args.max_concurrent})")
-        build_family(base.task)  # missing image data stops here, before any trial
+        family = build_family(base.task)  # missing image data stops here, before any trial
         sweep_dir = prepare_sweep_dir(args, space, base)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -136,7 +129,7 @@ def main(argv: list[str] | None = None, on_trial=None) -> int:
     try:
         with ray_session(base):
             rows = run_sweep(space, base, sweep_dir, parent, args.resume, args.max_concurrent, on_trial)
-        table = publish(rows, sweep_dir, parent, metric_name(build_family(base.task).kind))
+        table = publish(rows, sweep_dir, parent, metric_name(family.kind))
     except BaseException:
         parent.finish("FAILED")
         raise

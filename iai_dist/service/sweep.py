@@ -31,6 +31,7 @@ from iai_dist.tracking import Tracker
 # files of ours kept there could be overwritten by stale copies
 TUNE_DIR = "tune"
 ENDED_FILE = "trials_ended.json"  # trial id -> finished | stopped early | failed, as the trials end
+TRIALS_DIR = "trials"  # each trial's run directory: trials/<trial id>
 TRIAL_CPUS = 1.0  # the trial's own process: it drives the TorchTrainer, then evaluates (counted in cpus_needed)
 
 
@@ -128,22 +129,26 @@ def _trial_name(trial) -> str:
     return trial.trial_id
 
 
+def read_ended(sweep_dir: Path) -> dict[str, str]:
+    """How the trials that ended did (SweepProgress writes it as they end)."""
+    path = sweep_dir / ENDED_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
 class SweepProgress(tune.Callback):
     """One line per trial event on the driver (done, stopped early, running, failed, the best so far), and
     how each trial ended, kept in a file: Tune also marks the trials it cuts off at an interruption as
     terminated, and only these events tell them apart from the ones that ended."""
 
-    def __init__(self, total: int, ended_file: Path):
-        self.total, self.ended_file = total, ended_file
-
-    def ended(self) -> dict[str, str]:
-        return json.loads(self.ended_file.read_text()) if self.ended_file.exists() else {}
+    def __init__(self, total: int, sweep_dir: Path):
+        self.total, self.sweep_dir = total, sweep_dir
 
     def _end(self, trial, how: str) -> None:
-        self.ended_file.write_text(json.dumps({**self.ended(), trial.trial_id: how}, indent=1))
+        ended = {**read_ended(self.sweep_dir), trial.trial_id: how}
+        (self.sweep_dir / ENDED_FILE).write_text(json.dumps(ended, indent=1))
 
     def _line(self, trials: list, event: str) -> None:
-        ended = self.ended()
+        ended = read_ended(self.sweep_dir)
         done = sum(1 for t in trials if ended.get(t.trial_id) in ("finished", "stopped early"))
         stopped = sum(1 for t in trials if ended.get(t.trial_id) == "stopped early")
         failed = sum(1 for t in trials if ended.get(t.trial_id) == "failed")
@@ -174,7 +179,7 @@ def run_sweep(space: SearchSpace, base: ExperimentConfig, sweep_dir: Path, paren
               max_concurrent: int | None = None, on_trial: Callable[[ExperimentConfig], None] | None = None
               ) -> list[TrialRow]:
     """Run (or continue) the sweep on the connected Ray cluster; one row per trial, finished or not."""
-    context = SweepContext(base.model_dump(mode="json"), str(sweep_dir / "trials"), parent.uri, parent.run_id,
+    context = SweepContext(base.model_dump(mode="json"), str(sweep_dir / TRIALS_DIR), parent.uri, parent.run_id,
                            on_trial)
     trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=context),
                                     lambda params: trial_resources(base.with_overrides(trial_overrides(params))))
@@ -194,12 +199,12 @@ def run_sweep(space: SearchSpace, base: ExperimentConfig, sweep_dir: Path, paren
             ),
             run_config=tune.RunConfig(
                 name=TUNE_DIR, storage_path=str(sweep_dir), verbose=0,
-                callbacks=[SweepProgress(space.num_trials(), sweep_dir / ENDED_FILE)],
+                callbacks=[SweepProgress(space.num_trials(), sweep_dir)],
                 failure_config=tune.FailureConfig(max_failures=0),  # a failed trial is reported, the rest go on
             ),
         )
     results = tuner.fit()
-    ended = SweepProgress(0, sweep_dir / ENDED_FILE).ended()
+    ended = read_ended(sweep_dir)
     return [_row(result, ended, sweep_dir, base) for result in results]
 
 
@@ -210,7 +215,7 @@ def _row(result, ended: dict[str, str], sweep_dir: Path, base: ExperimentConfig)
     overrides = trial_overrides(result.config)
     cfg = base.with_overrides(overrides)
     metrics = result.metrics or {}
-    run_dir = sweep_dir / "trials" / trial_id
+    run_dir = sweep_dir / TRIALS_DIR / trial_id
     summary_file = run_dir / "summary.json"
     status = ended.get(trial_id, "unfinished")  # unfinished: the sweep was interrupted; --resume continues it
     if status == "finished" and summary_file.exists():
@@ -228,7 +233,6 @@ def _row(result, ended: dict[str, str], sweep_dir: Path, base: ExperimentConfig)
         error=None if result.error is None or status != "failed" else failure_line(result.error),
         run_dir=run_dir, mlflow_run_id=run_id_file.read_text().strip() if run_id_file.exists() else None,
     )
-
 
 
 def failure_line(error: BaseException) -> str:
