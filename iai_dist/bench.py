@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -27,12 +28,14 @@ import torch
 
 from iai_dist import baselines
 from iai_dist.config import ExperimentConfig, load_config
+from iai_dist.devices import resolve_device, uses_bf16
 from iai_dist.evaluate import evaluate, format_table
+from iai_dist.experience import EpisodeStream, LocalRollouts
+from iai_dist.learner import FileSink, Learner, train_in_process, train_loop
 from iai_dist.refiner import IterativeModel
 from iai_dist.rollout import refine
 from iai_dist.tasks import build_family
 from iai_dist.train import one_step_config
-from iai_dist.training import Trainer, resolve_device
 
 # name -> (preset, overrides). The linreg-paper rows are the DESIGN.md reference setting.
 SETTINGS: dict[str, tuple[str, list[str]]] = {
@@ -67,26 +70,27 @@ def write(out: Path, name: str, payload: dict, table: str) -> None:
     print(f"\nwrote {out / f'{name}.json'} and {out / f'{name}.md'}")
 
 
-def train_for(cfg: ExperimentConfig, minutes: float, label: str) -> tuple[Trainer, float]:
+def steps_in_process(learner: Learner, n: int) -> None:
+    """n learner steps of the in-process path (the learner loop over local rollouts), without output."""
+    source = LocalRollouts(learner, EpisodeStream(learner.cfg.train.tasks_per_batch, cursor=learner.step
+                                                  * learner.cfg.train.tasks_per_batch))
+    train_loop(learner, source, FileSink(None), stop_at=learner.step + n, progress=False)
+
+
+def train_for(cfg: ExperimentConfig, minutes: float, label: str) -> tuple[Learner, float]:
     """Train for a wall-clock budget. The number of learner steps is fixed up front from the measured
     step time, so warmup and cosine decay run their full course within the budget."""
-    probe = Trainer(cfg)
-    probe.train_step()
+    probe = Learner(cfg.with_overrides({"train.log_every": 10**9, "train.max_steps": 10**9}))
+    steps_in_process(probe, 1)
     t0, n = time.perf_counter(), 3
-    for _ in range(n):
-        probe.train_step()
+    steps_in_process(probe, n)
     per_step = (time.perf_counter() - t0) / n
     steps = max(10, int(minutes * 60 / per_step))
-    cfg = cfg.with_overrides({"train.max_steps": steps, "train.warmup_steps": min(cfg.train.warmup_steps, steps // 10)})
-    trainer = Trainer(cfg)
-    start, last = time.perf_counter(), time.perf_counter()
-    while trainer.step < steps:
-        stats = trainer.train_step()
-        if time.perf_counter() - last > 30 or trainer.step == steps:
-            last = time.perf_counter()
-            errs = " ".join(f"{e:.3g}" for e in stats.step_errors)
-            print(f"  [{label}] step {trainer.step}/{steps} {last - start:5.0f}s  query error by step: {errs}", flush=True)
-    return trainer, time.perf_counter() - start
+    cfg = cfg.with_overrides({"train.max_steps": steps, "train.warmup_steps": min(cfg.train.warmup_steps, steps // 10),
+                              "train.log_every": max(1, steps // 10)})
+    start = time.perf_counter()
+    learner, _ = train_in_process(cfg, None, label=label)
+    return learner, time.perf_counter() - start
 
 
 def quality(args) -> None:
@@ -113,11 +117,12 @@ def quality(args) -> None:
         reach = baselines.steps_to_reach(fam, fn, ep, target, "adam", grid, args.adam_max_steps)
         summary["adam_steps_to_reach_refiner"] = {"target_error": target, "steps": reach and reach[0],
                                                   "lr": reach and reach[1], "max_steps": args.adam_max_steps}
-        summary["train"] = {"seconds": seconds, "steps": trainer.step, "episodes": trainer.cursor}
+        episodes = trainer.step * cfg.train.tasks_per_batch
+        summary["train"] = {"seconds": seconds, "steps": trainer.step, "episodes": episodes}
         results[name] = summary
         adam_k = summary["per_step"]["adam"][k]
         tables.append(f"### {name}\ntrained {seconds / 60:.1f} min, {trainer.step} learner steps, "
-                      f"{trainer.cursor} episodes\n\n{format_table(summary)}\n\n"
+                      f"{episodes} episodes\n\n{format_table(summary)}\n\n"
                       f"refiner at step {k}: {target:.3g}% vs Adam (best grid lr) at step {k}: {adam_k:.3g}% "
                       f"({adam_k / max(target, 1e-12):.1f}x); Adam cycling over the same {k} mini-batches reaches "
                       f"{target:.3g}% after {reach[0] if reach else f'more than {args.adam_max_steps}'} steps")
@@ -128,32 +133,88 @@ def quality(args) -> None:
     write(Path(args.out), "quality", {"minutes": args.minutes, "settings": results, "reference": REFERENCE}, table)
 
 
+def learner_rate(cfg: ExperimentConfig, device: torch.device, warmup: int, steps: int) -> float:
+    """Learner steps/s of the in-process path after `warmup` steps."""
+    learner = Learner(cfg.with_overrides({"train.max_steps": 10**9, "train.log_every": 10**9}), device)
+    steps_in_process(learner, warmup)
+    _sync(device)
+    t0 = time.perf_counter()
+    steps_in_process(learner, steps)
+    _sync(device)
+    return steps / (time.perf_counter() - t0)
+
+
 def learner(args) -> None:
-    """Learner steps on linreg-paper at --tasks tasks per step; eager vs torch.compile where asked."""
+    """Learner steps on linreg-paper at --tasks tasks per step: fp32 and bf16 autocast (and which one
+    train.autocast=auto picks here), eager vs torch.compile where asked; with --baseline REF, the same
+    in-process learner of this tree and of git revision REF side by side, in alternating processes."""
     device = resolve_device(args.device)
     rows = []
     for name in args.settings.split(","):
         preset, overrides = SETTINGS[name]
         for compiled in ([False, True] if args.compile else [False]):
-            sets = [f"train.tasks_per_batch={args.tasks}", f"train.compile={compiled}", "train.max_steps=100000"]
-            cfg = load_config(preset, overrides=[*overrides, *sets])
-            trainer = Trainer(cfg, device)
-            for _ in range(args.warmup):
-                trainer.train_step()
-            _sync(device)
-            t0 = time.perf_counter()
-            for _ in range(args.steps):
-                trainer.train_step()
-            _sync(device)
-            sec = (time.perf_counter() - t0) / args.steps
-            k = cfg.task.steps
-            rows.append({"setting": name, "compile": compiled, "device": str(device), "tasks": args.tasks,
-                         "learner_steps_per_s": 1 / sec, "episodes_per_s": args.tasks / sec,
-                         "refinement_steps_per_s": args.tasks * k / sec})
-    head = "| setting | device | compile | tasks/step | learner steps/s | episodes/s | refinement steps/s |\n|---|---|---|---|---|---|---|"
-    lines = [f"| {r['setting']} | {r['device']} | {r['compile']} | {r['tasks']} | {r['learner_steps_per_s']:.2f} | "
-             f"{r['episodes_per_s']:.0f} | {r['refinement_steps_per_s']:.0f} |" for r in rows]
-    write(Path(args.out), f"learner-{device.type}", {"rows": rows}, "\n".join([head, *lines]))
+            for autocast in args.autocast.split(","):
+                sets = [f"train.tasks_per_batch={args.tasks}", f"train.compile={compiled}", f"train.autocast={autocast}"]
+                cfg = load_config(preset, overrides=[*overrides, *sets])
+                rate = learner_rate(cfg, device, args.warmup, args.steps)
+                k = cfg.task.steps
+                rows.append({"setting": name, "compile": compiled, "device": str(device), "tasks": args.tasks,
+                             "autocast": autocast, "auto_picks": autocast == ("bf16" if uses_bf16("auto", device) else "off"),
+                             "learner_steps_per_s": rate, "episodes_per_s": args.tasks * rate,
+                             "refinement_steps_per_s": args.tasks * k * rate})
+                print(f"   {name} {autocast} compile={compiled}: {rate:.2f} learner steps/s", flush=True)
+    head = ("| setting | device | compile | autocast | tasks/step | learner steps/s | episodes/s | refinement steps/s |\n"
+            "|---|---|---|---|---|---|---|---|")
+    lines = [f"| {r['setting']} | {r['device']} | {r['compile']} | {r['autocast']}{' (auto)' if r['auto_picks'] else ''} "
+             f"| {r['tasks']} | {r['learner_steps_per_s']:.2f} | {r['episodes_per_s']:.0f} | {r['refinement_steps_per_s']:.0f} |"
+             for r in rows]
+    table = "\n".join([head, *lines]) + "\n\n(auto): what train.autocast=auto runs on this device."
+    payload = {"rows": rows}
+    if args.baseline:
+        payload["baseline"] = side_by_side(args, device)
+        b = payload["baseline"]
+        table += (f"\n\nSide by side with {b['ref']} ({b['rounds']} alternating rounds, {b['autocast']} both, median "
+                  f"learner steps/s): this tree {b['this']:.3f}, {b['ref']} {b['base']:.3f}: ratio {b['ratio']:.3f}")
+    write(Path(args.out), f"learner-{device.type}", payload, table)
+
+
+def side_by_side(args, device: torch.device) -> dict:
+    """`bench learner` of this tree and of git revision args.baseline, one setting, in alternating fresh
+    processes (so neither gets a warmer machine), at the precision auto picks here for both."""
+    import shutil
+    import statistics
+    import tempfile
+
+    root = Path(__file__).resolve().parent.parent
+    autocast = "bf16" if uses_bf16("auto", device) else "off"
+    export = Path(tempfile.mkdtemp(prefix="iai-baseline-"))
+    try:
+        archive = subprocess.run(["git", "-C", str(root), "archive", args.baseline, "iai_dist"], capture_output=True)
+        if archive.returncode:
+            sys.exit(f"error: --baseline {args.baseline}: {archive.stderr.decode().strip()}")
+        subprocess.run(["tar", "-x", "-C", str(export)], input=archive.stdout, check=True)
+        for preset in (export / "iai_dist" / "presets").glob("*.yaml"):  # older trees hard-code bf16 in presets
+            preset.write_text(preset.read_text().replace("autocast: bf16", f"autocast: {autocast}"))
+        setting = args.settings.split(",")[0]
+        common = ["--settings", setting, "--tasks", str(args.tasks), "--steps", str(args.steps),
+                  "--warmup", str(args.warmup), "--device", args.device]
+        rates: dict[str, list[float]] = {"this": [], "base": []}
+        for r in range(args.rounds):
+            for side, tree, extra in (("base", export, []), ("this", root, ["--autocast", autocast])):
+                out = export / f"out-{side}-{r}"
+                env = {**os.environ, "PYTHONPATH": str(tree)}
+                proc = subprocess.run([sys.executable, "-m", "iai_dist.bench", "learner", *common, *extra, "--out", str(out)],
+                                      cwd=tree, env=env, capture_output=True, text=True)
+                if proc.returncode:
+                    sys.exit(f"error: bench learner of {side} failed: {proc.stderr.strip().splitlines()[-1]}")
+                row = json.loads((out / f"learner-{device.type}.json").read_text())["rows"][0]
+                rates[side].append(row["learner_steps_per_s"])
+                print(f"   round {r + 1}: {side} {rates[side][-1]:.3f} learner steps/s", flush=True)
+    finally:
+        shutil.rmtree(export, ignore_errors=True)
+    this, base = statistics.median(rates["this"]), statistics.median(rates["base"])
+    return {"ref": args.baseline, "setting": setting, "rounds": args.rounds, "autocast": autocast,
+            "rates": rates, "this": this, "base": base, "ratio": this / base}
 
 
 def _sync(device: torch.device) -> None:
@@ -222,6 +283,9 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--warmup", type=int, default=3)
     t.add_argument("--device", default="auto")
     t.add_argument("--compile", action="store_true", help="also measure with torch.compile")
+    t.add_argument("--autocast", default="off,bf16", help="comma-separated train.autocast values to measure")
+    t.add_argument("--baseline", metavar="REF", help="also time git revision REF side by side (e.g. main)")
+    t.add_argument("--rounds", type=int, default=3, help="alternating rounds of the --baseline comparison")
     s = sub.add_parser("scaling")
     s.add_argument("--points", default="100,1000,10000")
     s.add_argument("--tasks", type=int, default=8)

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import torch
 
-from iai_dist.bench import train_for, write
+from iai_dist.bench import steps_in_process, train_for, write
 from iai_dist.config import ConfigError, ExperimentConfig, load_config
 from iai_dist.evaluate import evaluate, format_error
 from iai_dist.refiner import IterativeModel
 from iai_dist.tasks import build_family
 from iai_dist.train import one_step_config
-from iai_dist.training import Trainer
+from iai_dist.learner import Learner
 
 TRANSFER_REGIMES: dict[str, list[str]] = {
     "parametric obs+grad (softmax-linear)": [],
@@ -46,8 +46,8 @@ def sampler_rate(family, tasks: int, seconds: float = 3.0, split: str = "train")
 
 def learner_rate(cfg: ExperimentConfig, steps: int) -> tuple[float, float]:
     """(episodes/s the learner consumes, the share of its step time spent sampling) over `steps` learner steps."""
-    trainer = Trainer(cfg)
-    trainer.train_step()
+    trainer = Learner(cfg.with_overrides({"train.max_steps": 10**9, "train.log_every": 10**9}))
+    steps_in_process(trainer, 1)
     sample, sampling = trainer.family.sample, [0.0]
 
     def timed(*a, **k):
@@ -58,8 +58,7 @@ def learner_rate(cfg: ExperimentConfig, steps: int) -> tuple[float, float]:
 
     trainer.family.sample = timed
     start = time.perf_counter()
-    for _ in range(steps):
-        trainer.train_step()
+    steps_in_process(trainer, steps)
     total = time.perf_counter() - start
     return steps * cfg.train.tasks_per_batch / total, sampling[0] / total
 
@@ -106,10 +105,11 @@ def transfer(args) -> None:
             model_x, cfg_x = retarget(trainer.model, trainer.cfg, other, dev)
             one_x = None if one is None else retarget(one, one_cfg, other, dev)[0]
             on_other = evaluate(model_x, cfg_x, one_x, dev)
-            rate = trainer.cursor / seconds
+            episodes = trainer.step * cfg.train.tasks_per_batch
+            rate = episodes / seconds
             consumed.setdefault(own, {})[regime] = rate
             res[regime] = {"own": on_own, "other": on_other, "train": {
-                "seconds": seconds, "steps": trainer.step, "episodes": trainer.cursor, "episodes_per_s": rate}}
+                "seconds": seconds, "steps": trainer.step, "episodes": episodes, "episodes_per_s": rate}}
             rows.append((regime, on_own, on_other))
             print(_transfer_row(regime, on_own, on_other, "refiner"), flush=True)
 

@@ -9,6 +9,9 @@ One `ExperimentConfig` describes a whole run. It is built from a YAML preset shi
 from __future__ import annotations
 
 import copy
+import re
+import types
+import typing
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -131,9 +134,10 @@ class TrainConfig(_Section):
     seed: int = Field(0, ge=0)  # model init and the training episodes' seed
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     compile: bool = False  # torch.compile the refiner (worth it on GPUs, slow to start on a small CPU)
-    # 'bf16' runs the refiner's Transformer under bfloat16 autocast: 1.7x faster learner steps on this
-    # 2-core CPU with AMX (linreg-paper); slower on CPUs without bf16. States, f, gradients, losses stay fp32.
-    autocast: Literal["off", "bf16"] = "off"
+    # The refiner's Transformer under bfloat16 autocast (states, f, gradients and losses stay fp32).
+    # auto: bf16 where the device runs it natively (a CUDA GPU with bf16; a CPU with AMX or AVX512-BF16),
+    # fp32 elsewhere: on an AMD EPYC without them a linreg-paper learner step was 17x slower in bf16.
+    autocast: Literal["auto", "off", "bf16"] = "auto"
     max_nonfinite_in_row: PositiveInt = 10  # stop with an error after this many skipped non-finite steps
     checkpoint_every: PositiveInt = 500
     log_every: PositiveInt = 50
@@ -171,17 +175,18 @@ class DistributedConfig(_Section):
     learner_cpus: float = Field(1.0, gt=0)  # CPUs reserved per learner (fractions let several share a core)
     episode_worker_cpus: float = Field(1.0, gt=0)
     episode_worker_gpus: float = Field(0.25, gt=0, le=1)  # with use_gpu: 0.25 puts four workers on one GPU
-    # Transition batches each learner rank keeps requested ahead per episode worker: the bounded buffer.
-    # Workers only roll out what was asked for, so memory stays flat however fast they are.
-    prefetch: PositiveInt = 2
+    # The batch learned at step n is rolled out with the weights of step n - staleness (the newest published
+    # by then), exactly: training is reproducible and resumes exactly. 0 = synchronous (no overlap of rollout
+    # and learning); 1 = each batch is rolled out while the learner learns the previous one. A rank keeps
+    # staleness + 1 requests in flight, so more than staleness + 1 episode workers per rank add nothing.
+    staleness: int = Field(1, ge=0)
     sync_every: PositiveInt = 1  # rank 0 publishes the refiner's weights every this many learner steps
-    max_staleness: int = Field(4, ge=0)  # transitions from older refiner versions are dropped (and counted)
     max_failures: int = Field(3, ge=-1)  # learner failures recovered from the last checkpoint (-1: always)
     worker_restarts: int = Field(-1, ge=-1)  # restarts of a crashed episode-worker actor (-1: always)
 
 
 class ExperimentConfig(_Section):
-    task: TaskConfig = TaskConfig()
+    task: TaskConfig = Field(default_factory=TaskConfig)  # built lazily: its check imports the task registry
     regime: RegimeConfig = RegimeConfig()
     refiner: RefinerConfig = RefinerConfig()
     train: TrainConfig = TrainConfig()
@@ -201,11 +206,6 @@ class ExperimentConfig(_Section):
                 f"distributed.episode_workers ({d.episode_workers}) must be at least distributed.num_workers "
                 f"({d.num_workers}): every learner rank is fed by its own episode workers"
             )
-        if d.max_staleness < d.sync_every - 1:
-            raise ValueError(
-                f"distributed.max_staleness ({d.max_staleness}) must be at least distributed.sync_every - 1 "
-                f"({d.sync_every - 1}): between publications every transition would be too old to learn from"
-            )
         if self.train.tasks_per_batch % d.num_workers:
             raise ValueError(
                 f"train.tasks_per_batch ({self.train.tasks_per_batch}) must be a multiple of "
@@ -224,9 +224,26 @@ def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files(PRESET_PACKAGE).iterdir() if p.name.endswith(".yaml"))
 
 
+class _YamlLoader(yaml.SafeLoader):
+    """YAML with YAML 1.2's booleans (true / false only). YAML 1.1 also reads on / off / yes / no as booleans,
+    which turned `--set train.autocast=off` into False; bool fields still take those words (pydantic reads them)."""
+
+
+_YamlLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
+}
+_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
+                                  list("tTfF"))
+
+
+def load_yaml(text: str) -> Any:
+    return yaml.load(text, Loader=_YamlLoader)
+
+
 def read_yaml(text: str, source: str) -> dict[str, Any]:
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark else ""
@@ -250,15 +267,36 @@ def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
 
 
 def parse_override(item: str) -> tuple[str, Any]:
-    """'train.lr=3e-4' -> ('train.lr', 3e-4); values are read as YAML scalars."""
+    """'train.lr=3e-4' -> ('train.lr', 3e-4); values are read as YAML scalars, except that a field whose
+    values are strings takes the text as written (`tracking.run_name=2024`, `train.autocast=off`)."""
     key, sep, raw = item.partition("=")
-    if not sep or not key.strip():
+    key = key.strip()
+    if not sep or not key:
         raise ConfigError(f"--set {item!r}: expected KEY=VALUE such as train.lr=3e-4")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
+        value = load_yaml(raw) if raw.strip() else ""
     except yaml.YAMLError:
         value = raw
-    return key.strip(), value
+    if value is not None and not isinstance(value, str) and _takes_text(key):
+        value = raw.strip()
+    return key, value
+
+
+def _takes_text(key: str) -> bool:
+    """Whether the config field at a dotted key holds strings only (str, a Literal of strings, or those or None)."""
+    model: Any = ExperimentConfig
+    for part in key.split("."):
+        fields = getattr(model, "model_fields", None)
+        if not fields or part not in fields:
+            return False
+        model = fields[part].annotation
+    options = typing.get_args(model) if typing.get_origin(model) in (typing.Union, types.UnionType) else (model,)
+    options = [o for o in options if o is not type(None)]
+
+    def text(o: Any) -> bool:
+        return o is str or (typing.get_origin(o) is Literal and all(isinstance(v, str) for v in typing.get_args(o)))
+
+    return bool(options) and all(text(o) for o in options)
 
 
 def validate(data: dict[str, Any], source: str) -> ExperimentConfig:

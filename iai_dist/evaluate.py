@@ -13,11 +13,13 @@ from pathlib import Path
 import torch
 
 from iai_dist import baselines
+from iai_dist.checkpoint import CheckpointError, read_checkpoint
 from iai_dist.config import ConfigError, ExperimentConfig, parse_override
+from iai_dist.devices import resolve_device
 from iai_dist.refiner import IterativeModel
+from iai_dist.reporting import report_steps
 from iai_dist.rollout import refine
 from iai_dist.tasks import build_family
-from iai_dist.training import CheckpointError, read_checkpoint, report_steps, resolve_device
 
 PER_STEP = ("refiner", "bayes_optimal", "adam", "sgd")
 AT_ONCE = ("full_fit", "one_step")

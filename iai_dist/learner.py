@@ -1,84 +1,352 @@
-"""The greedy learner step: one function, called in-process or by each Ray Train worker.
+"""The greedy learner: its objective, its step, its state, and the one loop that every path runs.
 
-Each transition's incoming state is data (detached by construction), so the loss after step i sends no
-gradient through steps 0..i-1: the greedy objective of DESIGN.md. Only the learned initial state, which
-no earlier step produced, is taken live.
+Read top to bottom:
+- greedy_terms: the query losses after each refinement step of a batch of transitions. Each transition's
+  incoming state is data (rolled out under no_grad), so the loss after step i sends no gradient through steps
+  0..i-1: the greedy objective of DESIGN.md. Only the learned initial state, which no step produced, is live.
+- learner_step: one optimizer step on those losses, exact under data parallelism: N ranks take the very step
+  that one process would take on the union of their transitions.
+- Learner: what a checkpoint restores about learning (model, optimizer, step, skip counters, RNG).
+- train_loop: take this rank's batch for the step from an experience source, learn, and on schedule log,
+  report and checkpoint through a sink. In process and on every Ray Train rank, the same function.
 """
 
 from __future__ import annotations
 
 import math
+import sys
+import time
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
 
 import torch
+import torch.distributed as dist
 
-from iai_dist.config import TrainConfig
+from iai_dist import checkpoint
+from iai_dist.config import ExperimentConfig, TrainConfig
+from iai_dist.devices import precision_line, resolve_device
+from iai_dist.experience import EpisodeStream, ExperienceSource, LocalRollouts
 from iai_dist.refiner import IterativeModel
-from iai_dist.rollout import Transitions
+from iai_dist.reporting import Window, progress_line, step_metrics
+from iai_dist.rollout import Transitions, refine
+from iai_dist.tasks import Episode, build_family
+
+
+class TrainingDiverged(RuntimeError):
+    pass
 
 
 @dataclass
 class StepStats:
-    loss: float
+    """One learner step, over the global batch (every rank's transitions)."""
+
+    loss: float  # the objective's value: mean log query loss per step (relative) or mean query loss (uniform)
     step_losses: list[float]  # mean query loss after each refinement step (index i = after step i+1)
     step_errors: list[float]  # query error % after each refinement step, pooled over the batch
     grad_norm: float
     skipped: bool  # a non-finite loss or gradient: no update was made
 
 
-def greedy_losses(model: IterativeModel, tr: Transitions, num_steps: int):
-    """Over a batch of transitions: per-step mean query loss [num_steps], per-step error terms
-    [2, num_steps], and which steps the batch contains [num_steps]."""
+def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to min_ratio at `total` (and min_ratio after it)."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def greedy_terms(model: IterativeModel, tr: Transitions) -> tuple[torch.Tensor, torch.Tensor]:
+    """Over this batch's T tasks: the query-loss sum after each refinement step [K] (differentiable) and the
+    query error terms [2, K] (numerator, denominator; detached)."""
+    t, k = tr.num_tasks, tr.num_steps
     x_query, y_query = tr.rows_query()
-    # Step-0 rows start from the live learned initial state, so theta^(0) / z^(0) / y_hat^(0) get a gradient.
-    first = (tr.step == 0).view(-1, *([1] * (tr.state.ndim - 1)))
-    state = torch.where(first, model.initial_state(x_query), tr.state)
-    new_state = model.step(state, tr.x, tr.y, tr.grad, tr.step, x_query)
-    out = model.predict(new_state, x_query)
+    # Step-0 rows (the first T: rows are step-major) start from the live learned initial state, so theta^(0)
+    # / z^(0) / y_hat^(0) get a gradient; their gradient signal is recomputed at that state, since an episode
+    # worker computed it at the initial state of the weights it rolled out with.
+    state0 = model.initial_state(tr.x_query)
+    state = torch.cat([state0, tr.state[t:]])
+    grad = None if tr.grad is None else torch.cat([model.signal(state0, tr.x[:t], tr.y[:t]), tr.grad[t:]])
+    out = model.predict(model.step(state, tr.x, tr.y, grad, tr.step, x_query), x_query)
     per_row = model.family.loss(out, y_query)
     num, den = model.family.error_terms(out.detach(), y_query)
-    counts = torch.bincount(tr.step, minlength=num_steps)
-    losses = per_row.new_zeros(num_steps).index_add(0, tr.step, per_row) / counts.clamp_min(1)
-    terms = per_row.new_zeros(2, num_steps).index_add(1, tr.step, torch.stack([num, den]))
-    return losses, terms, counts > 0
+    return per_row.view(k, t).sum(1), torch.stack([num, den]).view(2, k, t).sum(2)
 
 
 class GreedyObjective(torch.nn.Module):
-    """The greedy losses as a module's forward, so DistributedDataParallel can wrap it on Ray Train workers
-    (DDP synchronises gradients of what runs through forward; the refiner itself has several entry points)."""
+    """greedy_terms as a module's forward, so DistributedDataParallel can wrap it (DDP synchronises gradients
+    of what runs through forward; the refiner itself has several entry points)."""
 
     def __init__(self, model: IterativeModel):
         super().__init__()
         self.model = model
 
-    def forward(self, tr: Transitions, num_steps: int):
-        return greedy_losses(self.model, tr, num_steps)
+    def forward(self, tr: Transitions) -> tuple[torch.Tensor, torch.Tensor]:
+        return greedy_terms(self.model, tr)
 
 
-def learner_step(
-    objective: torch.nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: torch.optim.lr_scheduler.LRScheduler,
-    tr: Transitions,
-    cfg: TrainConfig,
-    num_steps: int,
-) -> StepStats:
-    """One greedy step. `objective` is a GreedyObjective, or one wrapped in DistributedDataParallel."""
-    objective.train()
-    losses, terms, present = objective(tr, num_steps)
+def world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+def greedy_backward(objective: torch.nn.Module, tr: Transitions, cfg: TrainConfig
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Accumulate the greedy objective's gradient into the parameters; returns its value, the per-step mean
+    query losses [K] and query errors % [K], all over the global batch.
+
+    The objective is the mean over refinement steps i of L_i ('uniform') or of log L_i ('relative': every step
+    counts alike, however small its loss), where L_i is the mean query loss after step i over the *global*
+    batch. Each rank all-reduces its detached per-step loss sums and counts, then differentiates its share
+    sum_i S_i^rank / C_i * w_i with w_i = 1 (uniform) or 1 / L_i held constant (relative: d log L = dL / L),
+    times the world size, since DDP averages the ranks' gradients. The N-rank gradient is then the 1-rank one.
+    """
+    sums, terms = objective(tr)
+    k = sums.shape[0]
+    totals = torch.cat([sums.detach(), torch.full_like(sums, tr.num_tasks), terms.flatten()])
+    world = world_size()
+    if world > 1:
+        dist.all_reduce(totals)
+    counts = totals[k:2 * k]
+    step_losses = totals[:k] / counts
     if cfg.step_weighting == "relative":
-        loss = losses[present].clamp_min(1e-12).log().mean()  # d log L = dL / L: every step counts alike
+        weight = 1.0 / step_losses.clamp_min(1e-12)
+        value = step_losses.clamp_min(1e-12).log().mean()
     else:
-        loss = losses[present].mean()
+        weight = torch.ones_like(step_losses)
+        value = step_losses.mean()
+    (world * (sums / counts * weight).sum() / k).backward()
+    return value, step_losses, 100.0 * totals[2 * k:3 * k] / totals[3 * k:].clamp_min(1e-30)
+
+
+def learner_step(objective: torch.nn.Module, optimizer: torch.optim.Optimizer, tr: Transitions, cfg: TrainConfig,
+                 lr: float) -> StepStats:
+    """One greedy step at learning rate `lr`. `objective` is a GreedyObjective, or one wrapped in DDP."""
+    objective.train()
     optimizer.zero_grad(set_to_none=True)
-    loss.backward()
+    value, step_losses, errors = greedy_backward(objective, tr, cfg)
     # Decide on the gradient norm, not the local loss: under DDP every rank holds the same averaged
     # gradients, so all ranks skip (or take) a non-finite step together and stay in lock-step.
     grad_norm = float(torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.grad_clip))
     finite = math.isfinite(grad_norm)
     if finite:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
         optimizer.step()
-        scheduler.step()
     optimizer.zero_grad(set_to_none=True)
-    errors = (100.0 * terms[0] / terms[1].clamp_min(1e-30)).tolist()
-    return StepStats(float(loss.detach()), losses.detach().tolist(), errors, grad_norm, skipped=not finite)
+    return StepStats(float(value), step_losses.tolist(), errors.tolist(), grad_norm, skipped=not finite)
+
+
+class Learner:
+    """What a checkpoint restores about learning: model, optimizer, learner step, skip counters, torch RNG.
+
+    The learning rate is a function of the step (warmup, then cosine to train.max_steps); a skipped step
+    (non-finite loss or gradient) makes no update but still counts, so the schedule reaches its end. Under an
+    initialised process group of several ranks (Ray Train) the objective is wrapped in DDP.
+    """
+
+    def __init__(self, cfg: ExperimentConfig, device: torch.device | str | None = None):
+        self.cfg = cfg
+        self.device = resolve_device(cfg.train.device) if device is None else torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:
+            self.device = torch.device("cuda", torch.cuda.current_device())
+        torch.manual_seed(cfg.train.seed)
+        self.family = build_family(cfg.task)
+        self.model = IterativeModel(cfg, self.family).to(self.device)
+        tc = cfg.train
+        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "emb" not in n]
+        no_decay = [p for n, p in self.model.named_parameters() if not (p.ndim >= 2 and "emb" not in n)]
+        self.optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr
+        )
+        self.step = 0  # learner steps taken, skipped ones included
+        self.skipped = 0
+        self.nonfinite_in_row = 0
+        if tc.compile:
+            self.model.refiner.compile()  # in place: state_dict keys (and checkpoints) stay the same
+        self.world = world_size()
+        self.rank = dist.get_rank() if self.world > 1 else 0
+        self.objective: torch.nn.Module = GreedyObjective(self.model)
+        if self.world > 1:
+            self.objective = torch.nn.parallel.DistributedDataParallel(
+                self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        self._heldout: Episode | None = None
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of the next step."""
+        tc = self.cfg.train
+        return tc.lr * lr_multiplier(self.step, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
+
+    def learn(self, tr: Transitions) -> StepStats:
+        stats = learner_step(self.objective, self.optimizer, tr if tr.x.device == self.device else tr.to(self.device),
+                             self.cfg.train, self.lr)
+        self.step += 1
+        if stats.skipped:
+            self.skipped += 1
+            self.nonfinite_in_row += 1
+            if self.nonfinite_in_row >= self.cfg.train.max_nonfinite_in_row:
+                raise TrainingDiverged(
+                    f"{self.nonfinite_in_row} learner steps in a row had a non-finite loss or gradient "
+                    f"(at step {self.step}); lower train.lr (now {self.cfg.train.lr}) or train.grad_clip"
+                )
+        else:
+            self.nonfinite_in_row = 0
+        return stats
+
+    def heldout_errors(self) -> list[float]:
+        """Query error % after steps 1..K on fixed held-out episodes (eval.seed + 2): the monitored curve."""
+        n = self.cfg.eval.monitor_episodes
+        if n == 0:
+            return []
+        if self._heldout is None:
+            self._heldout = self.family.sample(self.cfg.eval.seed + 2, torch.arange(n), device=self.device, split="test")
+        self.model.eval()
+        terms = torch.stack(refine(self.model, self._heldout)[1:]).sum(-1)  # [K, 2]
+        return (100.0 * terms[:, 0] / terms[:, 1]).tolist()
+
+    def state_dict(self) -> dict:
+        return {
+            "format": checkpoint.CHECKPOINT_FORMAT,
+            "config": self.cfg.model_dump(mode="json"),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "skipped": self.skipped,
+            "nonfinite_in_row": self.nonfinite_in_row,
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+
+    def load_state_dict(self, ckpt: dict) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        self.step, self.skipped, self.nonfinite_in_row = ckpt["step"], ckpt["skipped"], ckpt["nonfinite_in_row"]
+        torch.set_rng_state(ckpt["torch_rng"])
+        if ckpt["cuda_rng"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+
+
+def resume(learner: Learner, ckpt: dict) -> int:
+    """Restore a learner from a checkpoint that check_resumable accepted; returns its episode cursor, checked:
+    every learner step learns from tasks_per_batch episodes."""
+    tasks = learner.cfg.train.tasks_per_batch
+    if ckpt["episodes"] != ckpt["step"] * tasks:
+        raise checkpoint.CheckpointError(
+            f"checkpoint at learner step {ckpt['step']} has learned from {ckpt['episodes']} episodes, not "
+            f"{ckpt['step']} x {tasks}: it is inconsistent and cannot be resumed"
+        )
+    learner.load_state_dict(ckpt)
+    return ckpt["episodes"]
+
+
+class FileSink:
+    """Checkpoints to one file (atomically); None keeps none. Metrics go to the loop's `log` instead."""
+
+    def __init__(self, path: Path | None):
+        self.path = path
+
+    def report(self, metrics: dict, state: dict | None) -> None:
+        if state is not None and self.path is not None:
+            checkpoint.save(state, self.path)
+
+
+def _summed(values: list[float], device: torch.device, op=None) -> list[float]:
+    """Values summed (or reduced by `op`) over the ranks; as they are in a single process."""
+    if world_size() == 1:
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t.tolist()
+
+
+def train_loop(
+    learner: Learner,
+    source: ExperienceSource,
+    sink,
+    log: Callable[[dict, int], None] | None = None,
+    label: str = "refiner",
+    prefix: str = "train/",
+    stop_at: int | None = None,
+    on_step: Callable[[int, int, Transitions], None] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Train to train.max_steps (or `stop_at`). Every log_every steps rank 0 prints a progress line and calls
+    `log(metrics, step)`; every checkpoint_every steps (and at the end) the checkpoint goes to `sink`, which
+    every rank reports to at each of those steps (on Ray a barrier). `on_step(rank, step, transitions)`
+    runs after every step (tests inject faults and keep an episode ledger with it). Returns the steady-state
+    figures: every log window after the first, which holds start-up."""
+    tc = learner.cfg.train
+    stream = source.stream
+    end = tc.max_steps if stop_at is None else min(stop_at, tc.max_steps)
+    start_step = learner.step
+    if progress and learner.rank == 0:
+        sys.stdout.write(precision_line(learner.cfg.train.autocast, learner.device) + "\n")
+    begin = last = time.perf_counter()
+    last_step = learner.step
+    window = [0.0, 0.0, 0.0, 0.0]  # transitions, waited seconds, lag sum, lag max (this rank, this window)
+    steady = {"seconds": 0.0, "transitions": 0.0, "waited_s": 0.0}
+    while learner.step < end:
+        tr, waited = source.next(learner.step)
+        stream.take(tr, learner.step)
+        lag = learner.step - tr.version
+        stats = learner.learn(tr)
+        source.learned(learner)
+        window = [window[0] + tr.num_rows, window[1] + waited, window[2] + lag, max(window[3], lag)]
+        if on_step is not None:
+            on_step(learner.rank, learner.step, tr)
+        log_now = learner.step % tc.log_every == 0 or learner.step == tc.max_steps
+        saving = learner.step % tc.checkpoint_every == 0 or learner.step == end
+        if not (log_now or saving):
+            continue
+        now = time.perf_counter()
+        sums = _summed(window[:3], learner.device)
+        lag_max = _summed(window[3:], learner.device, dist.ReduceOp.MAX)[0]
+        w = Window(learner.step - last_step, now - last, sums[0], sums[1], sums[2], lag_max, learner.world)
+        if last_step > start_step:
+            steady = {"seconds": steady["seconds"] + w.seconds, "transitions": steady["transitions"] + w.transitions,
+                      "waited_s": steady["waited_s"] + w.waited_s / w.ranks}
+        metrics: dict[str, float] = {}
+        if learner.rank == 0:
+            heldout = learner.heldout_errors()
+            metrics = step_metrics(prefix, learner, stats, w, heldout)
+            if progress:  # not print(): Ray Train patches it into a logger that echoes it, so lines came twice
+                sys.stdout.write(progress_line(label, learner, stats, w, heldout, now - begin) + "\n")
+                sys.stdout.flush()
+            if log is not None:
+                log(metrics, learner.step)
+            # what a sweep schedules on (Tune sees the reports): a key that does not depend on K
+            metrics.update(learner_step=learner.step, heldout_error=(heldout or stats.step_errors)[-1])
+        state = None
+        if saving:  # the episode cursor as counted: every batch learned from, on every rank
+            episodes = stream.start + int(_summed([float(stream.taken)], learner.device)[0])
+            state = {**learner.state_dict(), "episodes": episodes, "experience": source.state_dict()}
+        sink.report(metrics, state)
+        window = [0.0, 0.0, 0.0, 0.0]
+        last, last_step = time.perf_counter(), learner.step
+    return {
+        "start_step": start_step,
+        "steps": learner.step,
+        "skipped": learner.skipped,
+        "episodes": stream.start + int(_summed([float(stream.taken)], learner.device)[0]),
+        "seconds": steady["seconds"],
+        "transitions": steady["transitions"],
+        "learner_idle_pct": 100.0 * steady["waited_s"] / max(steady["seconds"], 1e-9),
+    }
+
+
+def train_in_process(
+    cfg: ExperimentConfig,
+    checkpoint_path: Path | None,
+    resume_from: Path | None = None,
+    device: torch.device | str | None = None,
+    **loop_options,
+) -> tuple[Learner, dict]:
+    """Train in this process (distributed.num_workers = 0), resuming from `resume_from` (default: the
+    checkpoint file, if it exists) and checkpointing to `checkpoint_path` (None: keep none)."""
+    learner = Learner(cfg, device)
+    if resume_from is None and checkpoint_path is not None and checkpoint_path.exists():
+        resume_from = checkpoint_path
+    cursor = 0 if resume_from is None else resume(learner, checkpoint.check_resumable(resume_from, cfg))
+    source = LocalRollouts(learner, EpisodeStream(cfg.train.tasks_per_batch, cursor=cursor))
+    return learner, train_loop(learner, source, FileSink(checkpoint_path), **loop_options)

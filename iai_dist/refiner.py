@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from iai_dist.config import ExperimentConfig, RefinerConfig
+from iai_dist.devices import uses_bf16
 from iai_dist.regimes import Regime, build_regime
 from iai_dist.tasks import TaskFamily
 
@@ -92,7 +93,7 @@ class IterativeModel(nn.Module):
         self.obs_predictions = cfg.regime.obs_predictions and cfg.regime.kind != "implicit"
         obs_dim = family.x_dim + family.out_dim * (2 if self.obs_predictions else 1)
         self.refiner = Refiner(cfg.refiner, self.regime, obs_dim, max_steps=cfg.task.steps)
-        self.autocast = cfg.train.autocast == "bf16"
+        self.autocast = cfg.train.autocast  # auto | off | bf16, resolved for the device of each step
 
     def initial_state(self, x_query: torch.Tensor) -> torch.Tensor:
         return self.regime.initial_state(x_query)
@@ -121,6 +122,6 @@ class IterativeModel(nn.Module):
                 parts.append(self.family.encode_predictions(self.regime.predict(state, x)))
             obs = torch.cat(parts, -1)
         tokens = self.regime.state_tokens(state, grad, x_query)
-        with torch.autocast(state.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+        with torch.autocast(state.device.type, dtype=torch.bfloat16, enabled=uses_bf16(self.autocast, state.device)):
             update = self.refiner(tokens, obs, step)
         return self.regime.apply_update(state, update.float())

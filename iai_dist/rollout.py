@@ -16,8 +16,8 @@ class Transitions:
 
     Rows from many tasks and steps are stacked step-major (row = i * tasks + t), so the learner runs every
     step of a batch in one forward pass. The query set is kept once per task, not once per row: this is
-    what episode workers ship to the learner. `version` is the refiner version that produced the states
-    (the Ray learner measures staleness with it).
+    what episode workers ship to the learner. `version` is the refiner version (learner step) whose weights
+    produced the states; the tasks are episodes first_episode .. first_episode + T - 1 of the training stream.
     """
 
     state: torch.Tensor  # [K*T, ...]
@@ -28,6 +28,7 @@ class Transitions:
     y_query: torch.Tensor  # [T, Q, ...]
     step: torch.Tensor  # [K*T]
     version: int = 0
+    first_episode: int = 0
 
     def rows_query(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The query set of each row's task, [K*T, Q, ...]."""
@@ -38,18 +39,27 @@ class Transitions:
     def to(self, device: torch.device | str) -> "Transitions":
         """A copy on `device` whose tensors own exactly their data (a pickled view would carry its whole base)."""
         move = lambda v: None if v is None else v.to(device, copy=True)  # noqa: E731
-        return Transitions(*(move(getattr(self, f)) for f in _TENSORS), version=self.version)
+        return Transitions(*(move(getattr(self, f)) for f in _TENSORS), version=self.version,
+                           first_episode=self.first_episode)
 
     @property
     def num_rows(self) -> int:
         return self.state.shape[0]
+
+    @property
+    def num_tasks(self) -> int:
+        return self.x_query.shape[0]
+
+    @property
+    def num_steps(self) -> int:
+        return self.num_rows // self.num_tasks
 
 
 _TENSORS = ("state", "grad", "x", "y", "x_query", "y_query", "step")
 
 
 @torch.no_grad()
-def make_transitions(model: IterativeModel, ep: Episode, version: int = 0) -> Transitions:
+def make_transitions(model: IterativeModel, ep: Episode, version: int = 0, first_episode: int = 0) -> Transitions:
     """Roll out K = ep.num_batches steps and stack them step-major (row = i * tasks + t)."""
     t, k = ep.num_tasks, ep.num_batches
     state = model.initial_state(ep.x_query)
@@ -70,6 +80,7 @@ def make_transitions(model: IterativeModel, ep: Episode, version: int = 0) -> Tr
         y_query=ep.y_query,
         step=torch.arange(k, device=ep.x.device).repeat_interleave(t),
         version=version,
+        first_episode=first_episode,
     )
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from iai_dist.evaluate import format_error
-from iai_dist.training import report_steps
+from iai_dist.reporting import report_steps
 
 STATUS_ORDER = {"finished": 0, "stopped early": 1, "unfinished": 2, "failed": 3}
 

@@ -15,15 +15,14 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-
+from iai_dist import checkpoint
+from iai_dist.checkpoint import CheckpointError
 from iai_dist.config import ConfigError, ExperimentConfig, load_config, preset_names, to_yaml
+from iai_dist.devices import resolve_device
 from iai_dist.evaluate import evaluate, format_table, load_for_eval
-from iai_dist.learner import StepStats
+from iai_dist.learner import TrainingDiverged, train_in_process
 from iai_dist.tasks import build_family
 from iai_dist.tracking import Tracker, plot_errors
-from iai_dist.training import (
-    CheckpointError, Trainer, TrainingDiverged, check_resumable, progress_line, resolve_device, step_metrics, train,
-)
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -35,15 +34,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def progress_printer(label: str):
-    start = time.perf_counter()
-
-    def on_log(trainer: Trainer, stats: StepStats, rate: float, heldout: list[float]) -> None:
-        print(progress_line(label, trainer, stats, rate, heldout, time.perf_counter() - start), flush=True)
-
-    return on_log
-
-
 def one_step_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """The one-step (K=1) amortized model: reads all K*B context points at once, same learner steps."""
     return cfg.with_overrides({"task.steps": 1, "task.batch_size": cfg.task.steps * cfg.task.batch_size})
@@ -53,14 +43,9 @@ def fit_in_process(cfg: ExperimentConfig, out_dir: Path, tracker: Tracker, label
                    callbacks: Sequence = ()):
     if callbacks:
         raise ValueError("Ray Train callbacks need the Ray service (distributed.num_workers > 0)")
-    printer = progress_printer(label)
-
-    def on_log(trainer: Trainer, stats: StepStats, rate: float, heldout: list[float]) -> None:
-        printer(trainer, stats, rate, heldout)
-        tracker.log_metrics(step_metrics(prefix, trainer, stats, rate, heldout), trainer.step)
-
-    trainer = train(cfg, out_dir / "checkpoint.pt", on_log=on_log)
-    return trainer.model, {"steps": trainer.step, "skipped": trainer.skipped, "episodes": trainer.cursor}
+    learner, totals = train_in_process(cfg, out_dir / "checkpoint.pt", resume_from=checkpoint.newest(out_dir),
+                                       log=tracker.log_metrics, label=label, prefix=prefix)
+    return learner.model, totals
 
 
 def fit_on_ray(cfg: ExperimentConfig, out_dir: Path, tracker: Tracker, label: str, prefix: str,
@@ -71,9 +56,7 @@ def fit_on_ray(cfg: ExperimentConfig, out_dir: Path, tracker: Tracker, label: st
     model, _ = load_for_eval(result.checkpoint, [], "cpu")
     restarted = [w["index"] for w in result.workers if w["restarted"]]
     nodes = set(result.service.get("learner_nodes", [])) | {w["node"] for w in result.workers}
-    info = {**result.service, "episodes": sum(result.cursors) * cfg.train.tasks_per_batch // cfg.distributed.num_workers,
-            "episode_cursors": result.cursors, "restarted_episode_workers": restarted, "nodes": len(nodes)}
-    return model, info
+    return model, {**result.service, "restarted_episode_workers": restarted, "nodes": len(nodes)}
 
 
 def run(cfg: ExperimentConfig, run_dir: Path, tracker: Tracker, callbacks: Sequence = ()) -> dict:
@@ -108,16 +91,15 @@ def service_session(cfg: ExperimentConfig):
 
 
 def prepare_run_dir(cfg: ExperimentConfig, preset: str | None) -> Path:
-    """runs/<run_name>; an existing run of that name must have the same config (it is resumed)."""
+    """runs/<run_name>; an existing run of that name is resumed, so its checkpoints must allow this config."""
     runs_dir = Path(cfg.tracking.runs_dir).resolve()
     name = cfg.tracking.run_name or f"{preset or 'run'}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = runs_dir / name
-    if (run_dir / "checkpoint.pt").exists():
-        check_resumable(run_dir / "checkpoint.pt", cfg)
-    if cfg.distributed.num_workers:
-        from iai_dist.service.fit import latest_checkpoint
-
-        latest_checkpoint(run_dir, cfg)  # Ray Train's newest checkpoint, which the run will resume from
+    if run_dir.is_dir():
+        for resumed in (run_dir, run_dir / "one_step"):
+            newest = checkpoint.newest(resumed) if resumed.is_dir() else None
+            if newest is not None:  # the run resumes from it: it must be readable and allow this config
+                checkpoint.check_resumable(newest, one_step_config(cfg) if resumed.name == "one_step" else cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     return run_dir

@@ -2,8 +2,6 @@
 
 import json
 
-import pytest
-
 from iai_dist import bench
 
 
@@ -21,8 +19,8 @@ def test_quality_bench_writes_table_and_json(tmp_path, capsys):
 def test_learner_and_scaling_benches(tmp_path):
     bench.main(["learner", "--tasks", "8", "--steps", "2", "--warmup", "1", "--device", "cpu", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "learner-cpu.json").read_text())["rows"]
-    assert rows[0]["episodes_per_s"] > 0
-    assert rows[0]["refinement_steps_per_s"] == pytest.approx(rows[0]["episodes_per_s"] * 10)
+    assert [r["autocast"] for r in rows] == ["off", "bf16"] and sum(r["auto_picks"] for r in rows) == 1
+    assert all(0 < r["learner_steps_per_s"] < 1000 for r in rows)  # 8 tasks of linreg-paper, 2-thread CPU
     bench.main(["scaling", "--points", "20", "--tasks", "2", "--device", "cpu", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "scaling.json").read_text())["rows"]
     assert [(r["mode"], r["steps"], r["batch"]) for r in rows] == [("k-step", 2, 10), ("one-step", 1, 20)]
@@ -33,7 +31,9 @@ def test_service_throughput_bench_compares_three_modes_and_equal_wall_clock(ray_
     bench.main(["throughput", "--preset", "tiny", "--steps", "8", "--minutes", "0.05", "--episodes", "32",
                 "--out", str(tmp_path)])
     data = json.loads((tmp_path / "throughput.json").read_text())
-    assert len(data["rates"]) == 3 and all(r["transitions_per_s"] > 0 for r in data["rates"].values())
-    (a, qa), (c, qc) = data["quality"].items()
-    assert a.startswith("(a)") and c.startswith("(c)") and len(qa["error_by_step"]) == 4
-    assert "(b)/(a) =" in (tmp_path / "throughput.md").read_text()
+    assert [r["staleness"] for r in data["rates"].values()] == [0, 1, 1]
+    assert all(0 <= r["learner_idle_pct"] <= 100 for r in data["rates"].values())
+    for q in data["quality"].values():  # all three trained: the held-out error falls with every step
+        errors = q["error_by_step"]
+        assert len(errors) == 4 and errors[3] < errors[2] < errors[1] < errors[0]
+    assert "x (a) at step 3" in (tmp_path / "throughput.md").read_text()

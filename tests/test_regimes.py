@@ -98,8 +98,9 @@ def test_bf16_autocast_runs_only_the_refiner_in_bf16():
     x, y = ep.minibatch(0)
     state = m.initial_state(ep.x_query)
     args = (state, x, y, m.signal(state, x, y), torch.zeros(4, dtype=torch.long), ep.x_query)
+    m.autocast = "off"
     full = m.step(*args)
-    m.autocast = True
+    m.autocast = "bf16"
     half = m.step(*args)
     assert half.dtype == torch.float32
     assert not torch.equal(half, full)

@@ -40,6 +40,23 @@ def test_episode_depends_only_on_seed_and_index(name):
     assert not torch.equal(big.x[0], big.x[1])
 
 
+def test_episode_keys_are_64_bits():
+    """Episodes whose index or seed differ only above bit 32 differ, and among 2^18 episodes of two seeds at
+    random 62-bit indices no key repeats, where a 32-bit key (one lane alone) already does: at cluster scale
+    a 32-bit key makes the training stream repeat and held-out episodes equal training ones."""
+    from iai_dist.tasks.rng import EpisodeRNG
+
+    fam = family_of("linear_regression")
+    base = fam.sample(5, torch.tensor([7]))
+    for seed, index in [(5 + 2**32, 7), (5, 7 + 2**32), (5 + 2**40, 7), (5, 7 + 2**45)]:
+        assert not torch.equal(fam.sample(seed, torch.tensor([index])).x, base.x), (seed, index)
+    n = 2**17
+    indices = torch.randint(0, 2**62, (2, n), generator=torch.Generator().manual_seed(0))
+    keys = torch.cat([EpisodeRNG(0, indices[0]).key, EpisodeRNG(1_000_005, indices[1]).key])
+    assert len(set((keys[:, 0] * 2**32 + keys[:, 1]).tolist())) == 2 * n
+    assert len(set(keys[:, 0].tolist())) < 2 * n  # one 32-bit lane: about 4 collisions expected
+
+
 def test_more_batches_extend_the_same_episode():
     fam = family_of("linear_regression")
     k = fam.cfg.steps

@@ -56,6 +56,13 @@ def test_a_section_value_overrides_only_the_fields_it_names(tmp_path):
     assert cfg.regime.chunk_size == base.regime.chunk_size == 8  # the tiny preset's, not the default 32
 
 
+def test_a_space_file_takes_string_values_unquoted(tmp_path):
+    path = tmp_path / "space.yaml"
+    path.write_text(yaml.safe_dump({**TINY, "early_stopping": None}) + "params:\n  train.autocast: {grid: [off, bf16]}\n")
+    space, base = load_space(path)
+    assert space.params["train.autocast"].values == ("off", "bf16")
+
+
 @pytest.mark.parametrize("params, extra, expected", [
     ({"task.stepz": {"grid": [1, 2]}}, {}, "params.task.stepz: unknown config key"),
     ({"task.steps": {"grid": [0, 2]}}, {}, "task.steps=0 is invalid: task.steps: Input should be greater than 0"),

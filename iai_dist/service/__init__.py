@@ -2,7 +2,9 @@
 
     runtime.py         connect to a cluster (RAY_ADDRESS, `ray job submit`) or start an embedded local Ray
     episode_worker.py  EpisodeWorker actors (sample, roll out, inner-loss gradients) and the WeightBoard
-    learner_loop.py    the per-rank Train loop: bounded transition feed, staleness, DDP greedy step, reports
+    feed.py            a rank's experience source (requests to its episode workers, exact staleness, weight
+                       publication) and its checkpoint sink (ray.train.report)
+    learner_loop.py    Ray Train's per-rank function: restore, then the core's learner loop over the feed
     fit.py             the driver side: actors + TorchTrainer + checkpoints, one call per training
 
 Only this package (and the command lines) import Ray; the core it wraps imports torch only.

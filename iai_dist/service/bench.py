@@ -1,8 +1,8 @@
 """Service benchmarks (python -m iai_dist.bench throughput | memory), side by side in one run.
 
 throughput: the same model trained (a) in process, (b) 1 learner + 1 episode worker, (c) 2 + 2 on Ray:
-transitions/s and learner idle % in the steady state, then (a) and (c) trained for the same wall-clock
-budget and scored on the same held-out episodes (what staleness costs).
+transitions/s and learner idle % in the steady state, then each trained for the same wall-clock budget and
+scored on the same held-out episodes (what staleness and the service's overheads cost).
 memory: one long `python -m iai_dist.train` run, the resident memory of the driver and of each worker.
 sweep: a grid space's trials as one Tune sweep vs the same trainings run one after another.
 """
@@ -24,37 +24,23 @@ import torch
 
 from iai_dist.config import ExperimentConfig, load_config
 from iai_dist.evaluate import load_for_eval
-from iai_dist.rollout import make_transitions, refine
+from iai_dist.learner import train_in_process
+from iai_dist.rollout import refine
 from iai_dist.service.fit import fit
 from iai_dist.service.runtime import cpus_needed
-from iai_dist.training import Trainer
 
 
-def in_process_rate(cfg: ExperimentConfig, steps: int, warmup: int) -> dict:
-    """(a): rollouts and learner steps in one process. 'Idle' here is the share of time spent rolling out."""
-    trainer = Trainer(cfg)
-    for _ in range(warmup):
-        trainer.train_step()
-    rollout_s = 0.0
-    start = time.perf_counter()
-    for _ in range(steps):
-        t0 = time.perf_counter()
-        transitions = make_transitions(trainer.model, trainer.next_episodes(), version=trainer.step)
-        rollout_s += time.perf_counter() - t0
-        trainer.learn(transitions)
-    seconds = time.perf_counter() - start
-    rows = steps * cfg.train.tasks_per_batch * cfg.task.steps
-    return {"transitions_per_s": rows / seconds, "steps_per_s": steps / seconds,
-            "learner_idle_pct": 100 * rollout_s / seconds, "staleness": 0.0, "dropped": 0}
-
-
-def service_rate(cfg: ExperimentConfig, run_dir: Path) -> dict:
-    """(b), (c): a Ray fit; the learner's own steady-state figures (every log window after the first)."""
-    result = fit(cfg, run_dir)
-    s = result.service
-    steps, seconds = s["steps"] - s["start_step"] - cfg.train.log_every, max(s["seconds"], 1e-9)
-    return {"transitions_per_s": s["transitions"] / seconds, "steps_per_s": steps / seconds,
-            "learner_idle_pct": s["learner_idle_pct"], "dropped": s["dropped"]}
+def rate(cfg: ExperimentConfig, run_dir: Path) -> dict:
+    """A training's steady-state figures (every log window after the first), in process or on Ray: the learner
+    loop measures both the same way ('idle' in process is the time spent rolling out)."""
+    if cfg.distributed.num_workers:
+        totals = fit(cfg, run_dir).service
+    else:
+        totals = train_in_process(cfg, None, progress=False)[1]
+    steps, seconds = totals["steps"] - totals["start_step"] - cfg.train.log_every, max(totals["seconds"], 1e-9)
+    return {"transitions_per_s": totals["transitions"] / seconds, "steps_per_s": steps / seconds,
+            "learner_idle_pct": totals["learner_idle_pct"], "staleness": cfg.distributed.staleness
+            if cfg.distributed.num_workers else 0}
 
 
 def heldout_error(checkpoint: Path, episodes: int) -> list[float]:
@@ -76,10 +62,8 @@ def equal_wall_clock(base: ExperimentConfig, sets: dict, rate: dict, args, run_d
         checkpoint = fit(cfg, run_dir).checkpoint
     else:
         run_dir.mkdir(parents=True, exist_ok=True)
-        trainer = Trainer(cfg)
-        while trainer.step < steps:
-            trainer.train_step()
-        checkpoint = trainer.save(run_dir / "checkpoint.pt")
+        checkpoint = run_dir / "checkpoint.pt"
+        train_in_process(cfg, checkpoint)
     seconds = time.perf_counter() - t0
     errors = heldout_error(checkpoint, args.episodes)
     print(f"   {seconds:.0f}s wall (start-up included); held-out error after step K: {errors[-1]:.3g}%", flush=True)
@@ -108,41 +92,37 @@ def throughput(args) -> None:
         for name, sets in modes.items():
             cfg = base.with_overrides({**sets, "train.max_steps": args.steps})
             print(f"== {name}: {args.steps} learner steps", flush=True)
-            if sets:
-                rates[name] = service_rate(cfg, runs / f"rate-{len(rates)}")
-            else:
-                rates[name] = in_process_rate(cfg, args.steps, args.steps // 4)
+            rates[name] = rate(cfg, runs / f"rate-{len(rates)}")
             print(f"   {json.dumps({k: round(v, 2) for k, v in rates[name].items()})}", flush=True)
-            if args.minutes > 0 and name != list(modes)[1]:
+            if args.minutes > 0:
                 quality[name] = equal_wall_clock(base, sets, rates[name], args, runs / f"quality-{len(quality)}")
-        a, b, c = rates.values()
     finally:
         if own_ray:
             ray.shutdown()
 
     k = base.task.steps
-    head = ("| mode | transitions/s | learner steps/s | learner idle % | dropped (stale) | x (a) |\n"
+    a = rates["(a) in process"]
+    head = ("| mode | transitions/s | learner steps/s | learner idle % | staleness | x (a) |\n"
             "|---|---|---|---|---|---|")
     lines = [f"| {n} | {r['transitions_per_s']:.0f} | {r['steps_per_s']:.2f} | {r['learner_idle_pct']:.1f} | "
-             f"{r['dropped']:.0f} | {r['transitions_per_s'] / a['transitions_per_s']:.2f} |" for n, r in rates.items()]
+             f"{r['staleness']} | {r['transitions_per_s'] / a['transitions_per_s']:.2f} |" for n, r in rates.items()]
     table = "\n".join([head, *lines])
     table += (f"\n\n(a) idle % is the share of time the single process spends rolling out. Preset {args.preset}, "
               f"{base.train.tasks_per_batch} tasks per learner step, {args.steps} steps per mode (steady state "
-              f"after the first {args.steps // 4}).\n\n(b)/(a) = {b['transitions_per_s'] / a['transitions_per_s']:.2f} "
-              f"(target >= 0.8); learner idle in (c) = {c['learner_idle_pct']:.1f}% (target < 10%).")
+              f"after the first {args.steps // 4}); distributed.staleness={base.distributed.staleness}.")
     if quality:
-        qa, qc = quality.values()
         cols = sorted({1, 2, 5, k} & set(range(1, k + 1)))
         table += ("\n\n| equal wall clock | learner steps | seconds | " + " | ".join(f"step {s}" for s in cols)
-                  + " |\n|---|---|---|" + "---|" * len(cols) + "\n")
+                  + f" | x (a) at step {k} |\n|---|---|---|" + "---|" * (len(cols) + 1) + "\n")
+        qa = quality["(a) in process"]["error_by_step"][k]
         table += "\n".join(f"| {n} | {q['steps']} | {q['seconds']:.0f} | "
-                           + " | ".join(f"{q['error_by_step'][s]:.3g}" for s in cols) + " |" for n, q in quality.items())
-        ratio = qc["error_by_step"][k] / qa["error_by_step"][k]
+                           + " | ".join(f"{q['error_by_step'][s]:.3g}" for s in cols)
+                           + f" | {q['error_by_step'][k] / qa:.2f} |" for n, q in quality.items())
         table += (f"\n\n{args.minutes} min of training each at the mode's measured rate (seconds include start-up), "
-                  f"{args.episodes} held-out episodes; "
-                  f"(c)/(a) error after step {k} = {ratio:.2f} (target <= 1.10)")
+                  f"{args.episodes} held-out episodes. Targets: error after step {k} within 1.10x of (a), "
+                  f"transitions/s >= 1.2x (a).")
     write(out, "throughput", {"preset": args.preset, "steps": args.steps, "rates": rates, "quality": quality,
-                               "minutes": args.minutes}, table)
+                               "minutes": args.minutes, "staleness": base.distributed.staleness}, table)
 
 
 def memory(args) -> None:

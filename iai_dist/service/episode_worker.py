@@ -1,9 +1,9 @@
-"""Episode workers: Ray actors that sample episodes, roll out K refinement states with the newest refiner
-snapshot they hold, compute the inner-loss gradients, and ship the transitions.
+"""Episode workers: Ray actors that sample the episodes a learner asks for, roll out K refinement states with
+the weight version it names, compute the inner-loss gradients, and ship the transitions.
 
-Task-sharded: worker w owns the episode indices [w * SLICE, (w + 1) * SLICE). The learner asks for batch
-number n of a worker's slice, so a worker keeps no cursor of its own: a crashed worker that Ray restarts
-re-runs the request it died in and continues its slice exactly, and no two workers ever draw one episode.
+A request names everything: the learner attempt (generation), the weight version and the episode indices. A
+worker keeps no cursor and makes no choice, so a crashed worker that Ray restarts re-runs the request it died
+in and returns the very same transitions, and training is reproducible however requests are spread.
 """
 
 from __future__ import annotations
@@ -20,22 +20,41 @@ from iai_dist.refiner import IterativeModel
 from iai_dist.rollout import Transitions, make_transitions
 from iai_dist.tasks import build_family
 
-SLICE = 1 << 40  # episode indices per worker: room for 10^12 episodes each
+WEIGHTS_TIMEOUT_S = 600.0  # a version that is not published in this long means the learner is gone
 
 
 class WeightBoard:
-    """Holds the newest published refiner weights (version = learner step), owned by this actor so they
-    outlive a restarted learner. Episode workers poll it before each rollout."""
+    """The published refiner weights by version (the learner step that produced them), owned by this actor
+    so they outlive a restarted learner.
+
+    Each learner attempt opens a new generation with the versions its checkpoint kept; requests of an older
+    generation are answered "superseded", so a worker never waits for, nor rolls out with, weights of an attempt
+    that was rolled back.
+    """
 
     def __init__(self) -> None:
-        self.version = -1
-        self.weights: list[ray.ObjectRef] = []
+        self.generation = 0
+        self.versions: dict[int, list[ray.ObjectRef]] = {}
 
-    def publish(self, version: int, weights: dict[str, torch.Tensor]) -> None:
-        self.version, self.weights = version, [ray.put(weights)]  # a list: callers get the ref, not the value
+    def open(self, window: dict[int, dict[str, torch.Tensor]]) -> int:
+        self.generation += 1
+        self.versions = {v: [ray.put(w)] for v, w in window.items()}  # lists: callers get refs, not values
+        return self.generation
 
-    def latest(self) -> tuple[int, list[ray.ObjectRef]]:
-        return self.version, self.weights
+    def publish(self, generation: int, version: int, weights: dict[str, torch.Tensor], keep_from: int) -> None:
+        if generation != self.generation:
+            return
+        self.versions[version] = [ray.put(weights)]
+        for old in [v for v in self.versions if v < keep_from]:
+            del self.versions[old]
+
+    def get(self, generation: int, version: int) -> tuple[str, list[ray.ObjectRef]]:
+        """("ready", [weights]), ("pending", []) or ("superseded", [])."""
+        if generation != self.generation:
+            return "superseded", []
+        if version in self.versions:
+            return "ready", self.versions[version]
+        return "pending", []
 
 
 class EpisodeWorker:
@@ -43,41 +62,45 @@ class EpisodeWorker:
         cfg = validate(cfg_data, "episode worker config")
         # by name, not handle: constructor arguments stay inline, so a restart never depends on the caller
         self.index, self.board, self.seed = index, ray.get_actor(board_name), cfg.train.seed
-        self.tasks = cfg.train.tasks_per_batch // cfg.distributed.num_workers  # one learner rank's share
         self.device = torch.device("cuda" if use_gpu else "cpu")
         torch.manual_seed(cfg.train.seed)
         self.family = build_family(cfg.task)
         self.model = IterativeModel(cfg, self.family).to(self.device).eval()
-        self.version = -1
+        self.loaded: tuple[int, int] | None = None  # (generation, version) of the weights in self.model
         self.batches = 0  # produced by this incarnation
 
-    def rollout(self, batch: int) -> tuple[int, Transitions]:
-        """Batch number `batch` of this worker's slice, rolled out with the newest weights on the board."""
-        self._refresh()
-        start = self.index * SLICE + batch * self.tasks
-        episodes = self.family.sample(self.seed, torch.arange(start, start + self.tasks), device=self.device)
-        transitions = make_transitions(self.model, episodes, version=self.version)
+    def rollout(self, generation: int, version: int, first: int, count: int) -> Transitions | None:
+        """Episodes first..first+count-1 rolled out with weight version `version`; None if superseded."""
+        if not self._load(generation, version):
+            return None
+        episodes = self.family.sample(self.seed, torch.arange(first, first + count), device=self.device)
+        transitions = make_transitions(self.model, episodes, version=version, first_episode=first)
         self.batches += 1
-        return batch, transitions.to("cpu")
+        return transitions.to("cpu")
 
-    def _refresh(self, timeout_s: float = 600.0) -> None:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            version, refs = ray.get(self.board.latest.remote())
-            if version >= 0:
+    def _load(self, generation: int, version: int) -> bool:
+        if self.loaded == (generation, version):
+            return True
+        deadline = time.monotonic() + WEIGHTS_TIMEOUT_S
+        while True:  # the learner publishes the version right after the step that makes it
+            status, refs = ray.get(self.board.get.remote(generation, version))
+            if status == "ready":
                 break
+            if status == "superseded":
+                return False
             if time.monotonic() > deadline:
-                raise TimeoutError(f"episode worker {self.index}: no refiner weights published in {timeout_s:.0f}s")
-            time.sleep(0.02)
-        # != rather than >: after a learner restart the board goes back to the checkpoint's version
-        if version != self.version:
-            self.model.load_state_dict(ray.get(refs[0]))
-            self.version = version
+                raise TimeoutError(f"episode worker {self.index}: weight version {version} was not published "
+                                   f"in {WEIGHTS_TIMEOUT_S:.0f}s")
+            time.sleep(0.002)
+        self.model.load_state_dict(ray.get(refs[0]))
+        self.loaded = (generation, version)
+        return True
 
     def info(self) -> dict:
         ctx = ray.get_runtime_context()
         with warnings.catch_warnings():  # the property still reads a deprecated field inside Ray 2.60
             warnings.simplefilter("ignore")
             restarted = ctx.was_current_actor_reconstructed
-        return {"index": self.index, "pid": os.getpid(), "node": ctx.get_node_id(), "version": self.version,
+        return {"index": self.index, "pid": os.getpid(), "node": ctx.get_node_id(),
+                "version": None if self.loaded is None else self.loaded[1],
                 "batches_this_incarnation": self.batches, "restarted": restarted}

@@ -2,8 +2,8 @@
 
 Checkpoints live where Ray Train keeps them: RunConfig(name=run_dir.name, storage_path=run_dir.parent),
 so Ray's own directory for the run *is* run_dir. A learner failure restarts from the newest of them
-(FailureConfig); calling `fit` again for the same run_dir (a re-submitted job) resumes from it too, after
-the driver has checked that it is readable and was written under the same config.
+(FailureConfig); calling `fit` again for the same run_dir (a re-submitted job) resumes from the newest
+checkpoint in run_dir (Ray's, or an in-process one), after the driver has checked that it may be resumed.
 """
 
 from __future__ import annotations
@@ -16,24 +16,25 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import ray
-from ray.train import (
-    CheckpointConfig, FailureConfig, LoggingConfig, Result, RunConfig, ScalingConfig, UserCallback,
-)
+from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from iai_dist import checkpoint
 from iai_dist.config import ExperimentConfig
+from iai_dist.rollout import Transitions
 from iai_dist.service.episode_worker import EpisodeWorker, WeightBoard
 from iai_dist.service.learner_loop import learner_loop
 from iai_dist.tracking import RunLogger
-from iai_dist.training import CheckpointError, check_resumable
+
+
+REPORT_POLL_S = 0.1
 
 
 @dataclass
 class FitResult:
     checkpoint: Path  # run_dir/checkpoint.pt: the final state, where evaluate and the in-process path look
-    service: dict  # rank 0's figures for the last learner attempt (steps, transitions, idle %, dropped)
+    service: dict  # rank 0's figures for the last learner attempt (steps, episodes, transitions, idle %)
     workers: list[dict]  # per episode worker: pid, node, whether Ray restarted it, batches since
-    cursors: list[int]  # per episode worker: batches of its slice consumed
 
 
 def episode_worker_name(run_dir: Path, label: str, index: int) -> str:
@@ -41,26 +42,11 @@ def episode_worker_name(run_dir: Path, label: str, index: int) -> str:
     return f"{run_dir.name}:{label}:episode-worker-{index}"
 
 
-def latest_checkpoint(run_dir: Path, cfg: ExperimentConfig) -> tuple[Path, dict] | None:
-    """The newest checkpoint Ray Train kept for this run and its contents; a clear error if it cannot be
-    resumed under `cfg` (unreadable, not ours, another config), never a silent fresh start."""
-    if not run_dir.is_dir():
-        return None
-    logging.getLogger("ray.train").setLevel(logging.WARNING)  # we say "resuming from step N" ourselves
-    try:
-        result = Result.from_path(str(run_dir))
-    except RuntimeError as exc:
-        if "doesn't exist" in str(exc):
-            return None  # no Ray Train records: a fresh run
-        raise CheckpointError(f"{run_dir}: Ray Train's checkpoint records cannot be read ({exc})") from None
-    except Exception as exc:  # a damaged snapshot file surfaces as JSON / key errors
-        raise CheckpointError(
-            f"{run_dir}: Ray Train's checkpoint records cannot be read ({type(exc).__name__}: {exc})"
-        ) from None
-    if result.checkpoint is None:
-        return None
-    path = Path(result.checkpoint.path) / "checkpoint.pt"
-    return path, check_resumable(path, cfg)
+def newest_checkpoint(run_dir: Path, cfg: ExperimentConfig) -> tuple[Path, dict] | None:
+    """The newest checkpoint of the run and its contents; a clear error if it cannot be resumed under `cfg`
+    (unreadable, not ours, a change of what must not change), never a silent fresh start."""
+    path = checkpoint.newest(run_dir) if run_dir.is_dir() else None
+    return None if path is None else (path, checkpoint.check_resumable(path, cfg))
 
 
 def fit(
@@ -69,19 +55,24 @@ def fit(
     logger: RunLogger | None = None,
     label: str = "refiner",
     prefix: str = "train/",
-    on_step: Callable[[int, int], None] | None = None,
+    on_step: Callable[[int, int, Transitions], None] | None = None,
     callbacks: Sequence[UserCallback] = (),
 ) -> FitResult:
-    """Train `cfg` on the connected Ray cluster into run_dir, resuming from its last checkpoint.
+    """Train `cfg` on the connected Ray cluster into run_dir, resuming from its newest checkpoint.
 
-    `on_step(rank, step)` is called by every learner after each step: fault injection in tests.
+    `on_step(rank, step, transitions)` is called by every learner after each step: fault injection in tests.
     `callbacks` are Ray Train callbacks (a sweep's trial passes Tune's, which forwards every report).
     """
     d = cfg.distributed
     run_dir = run_dir.resolve()
-    found = latest_checkpoint(run_dir, cfg)
+    # Ray Train's controller takes a worker's report every health-check interval (2 s by default), and a
+    # worker's next report waits for that: reports at every log step cost up to 2 s each (measured: 20 reports
+    # of a tiny run, 38 s). The driver's value reaches the controller.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(REPORT_POLL_S))
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # we say "resuming from step N" ourselves
+    found = newest_checkpoint(run_dir, cfg)
     if found is not None:
-        print(f"[{label}] resuming from step {found[1]['step']} ({found[0].parent.name})", flush=True)
+        print(f"[{label}] resuming from step {found[1]['step']} ({found[0].relative_to(run_dir.parent)})", flush=True)
     cfg_data = cfg.model_dump(mode="json")
     board_name = f"{run_dir.name}:{label}:weight-board"
     board = ray.remote(num_cpus=0)(WeightBoard).options(name=board_name).remote()
@@ -99,7 +90,8 @@ def fit(
     trainer = TorchTrainer(
         learner_loop,
         train_loop_config={"config": cfg_data, "board": board, "episode_workers": workers, "on_step": on_step,
-                           "logger": logger or RunLogger(), "label": label, "prefix": prefix},
+                           "logger": logger or RunLogger(), "label": label, "prefix": prefix,
+                           "driver_checkpoint": None if found is None else ray.put(found[1])},
         torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
                                      resources_per_worker={"CPU": d.learner_cpus, **({"GPU": 1} if d.use_gpu else {})}),
@@ -119,8 +111,8 @@ def fit(
         for actor in (*workers, board):
             ray.kill(actor, no_restart=True)
     final = run_dir / "checkpoint.pt"
-    source = Path(result.checkpoint.path) / "checkpoint.pt"
-    shutil.copyfile(source, final.with_suffix(".tmp"))
-    os.replace(final.with_suffix(".tmp"), final)
-    ckpt = check_resumable(final, cfg)
-    return FitResult(final, result.return_value or {}, infos, ckpt["episode_cursors"])
+    source = checkpoint.newest(run_dir)  # Ray's last, or the one this fit started from when nothing was left to do
+    if source != final:
+        shutil.copyfile(source, final.with_suffix(".tmp"))
+        os.replace(final.with_suffix(".tmp"), final)
+    return FitResult(final, result.return_value or {}, infos)

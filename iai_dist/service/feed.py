@@ -1,0 +1,114 @@
+"""A learner rank's experience source on Ray (episode workers) and its checkpoint sink (ray.train.report).
+
+The batch of learner step n is rolled out with the weights of step n - staleness, exactly (the newest version
+published by then), so a rank keeps staleness + 1 requests in flight: each batch is rolled out while the learner
+learns the ones before it, and what every step learns from is fixed by the config, not by timing. That makes a
+Ray run reproducible, lets a restarted learner redo its steps on the same transitions, and lets a resume
+continue exactly: the checkpoint keeps the weight versions still to be rolled out with.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from collections import deque
+from pathlib import Path
+
+import ray
+import ray.train
+import torch
+
+from iai_dist.experience import EpisodeStream
+from iai_dist.rollout import Transitions
+
+FEED_TIMEOUT_S = 900.0  # no batch in this long: the job stops and says which worker
+
+
+class VersionSchedule:
+    """Which published weights roll out the batch of each learner step: the newest version <= step - staleness
+    among those published (the versions a checkpoint kept, then every sync_every-th step after the start), or
+    the oldest one while none is that old (the first steps of a run)."""
+
+    def __init__(self, staleness: int, sync_every: int, start: int, kept: list[int]):
+        self.staleness, self.sync_every, self.start, self.kept = staleness, sync_every, start, sorted(kept)
+
+    def publishes(self, step: int) -> bool:
+        return step > self.start and step % self.sync_every == 0
+
+    def version_for(self, step: int) -> int:
+        target = step - self.staleness
+        if target > self.start and target - target % self.sync_every > self.start:
+            return target - target % self.sync_every
+        older = [v for v in self.kept if v <= target]
+        return older[-1] if older else self.kept[0]
+
+
+class RayFeed:
+    """This rank's experience source: requests for its slice of each step, dealt round-robin to its episode
+    workers, staleness + 1 in flight (the bounded buffer: workers roll out only what was asked for). Rank 0
+    also publishes the weights and keeps the versions that requests still need (what its checkpoint holds)."""
+
+    def __init__(self, learner, stream: EpisodeStream, workers: dict[int, "ray.actor.ActorHandle"], board,
+                 generation: int, schedule: VersionSchedule, window: dict[int, dict], end: int):
+        self.learner, self.stream, self.workers, self.board = learner, stream, workers, board
+        self.generation, self.schedule, self.window, self.end = generation, schedule, window, end
+        self.order = sorted(workers)
+        self.pending: deque[tuple[int, int, ray.ObjectRef]] = deque()
+        self.next_request = learner.step
+        for _ in range(schedule.staleness + 1):
+            self._request()
+
+    def _request(self) -> None:
+        step = self.next_request
+        if step >= self.end:
+            return
+        w = self.order[step % len(self.order)]
+        ref = self.workers[w].rollout.remote(self.generation, self.schedule.version_for(step),
+                                             self.stream.first(step), self.stream.share)
+        self.pending.append((step, w, ref))
+        self.next_request += 1
+
+    def next(self, step: int) -> tuple[Transitions, float]:
+        asked, w, ref = self.pending.popleft()
+        if asked != step:
+            raise RuntimeError(f"rank {self.stream.rank}: the feed holds step {asked} where step {step} was due")
+        start = time.perf_counter()
+        try:
+            tr = ray.get(ref, timeout=FEED_TIMEOUT_S)
+        except ray.exceptions.GetTimeoutError:
+            raise RuntimeError(f"episode worker {w} sent no transitions for learner step {step} in "
+                               f"{FEED_TIMEOUT_S:.0f}s") from None
+        waited = time.perf_counter() - start
+        if tr is None or tr.version != self.schedule.version_for(step):
+            raise RuntimeError(f"episode worker {w} answered learner step {step} with weight version "
+                               f"{None if tr is None else tr.version}, expected {self.schedule.version_for(step)}")
+        self._request()
+        return tr, waited
+
+    def learned(self, learner) -> None:
+        if learner.rank != 0 or not self.schedule.publishes(learner.step):
+            return
+        weights = {name: t.detach().to("cpu", copy=True) for name, t in learner.model.state_dict().items()}
+        # requests still to come are for steps >= learner.step - 1 on every rank (DDP keeps them in lock-step)
+        keep_from = self.schedule.version_for(max(learner.step - 1, self.schedule.start))
+        self.window = {v: w for v, w in self.window.items() if v >= keep_from}
+        self.window[learner.step] = weights
+        self.board.publish.remote(self.generation, learner.step, weights, keep_from)
+
+    def state_dict(self) -> dict:
+        return {"published": dict(self.window)} if self.learner.rank == 0 else {}
+
+
+class RayTrainSink:
+    """Reports go to Ray Train (every rank, each time: it is a barrier); rank 0's carries the checkpoint."""
+
+    def __init__(self, rank: int):
+        self.rank = rank
+
+    def report(self, metrics: dict, state: dict | None) -> None:
+        if state is None or self.rank != 0:
+            ray.train.report(metrics)
+            return
+        with tempfile.TemporaryDirectory() as directory:
+            torch.save(state, Path(directory) / "checkpoint.pt")
+            ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory))

@@ -1,0 +1,191 @@
+"""The in-process learner: the greedy objective, exact resume, the resume rules, skipped steps, checkpoints."""
+
+import math
+
+import pytest
+import torch
+
+from iai_dist import checkpoint
+from iai_dist.checkpoint import CheckpointError, read_checkpoint
+from iai_dist.experience import EpisodeStream, LocalRollouts
+from iai_dist.learner import Learner, TrainingDiverged, greedy_terms, lr_multiplier, train_in_process
+from iai_dist.rollout import make_transitions, refine
+
+
+def quiet_train(cfg, path, **kw):
+    return train_in_process(cfg, path, progress=False, **kw)
+
+
+def test_resume_is_exact(tiny_cfg, tmp_path):
+    """2N steps in one go == N steps, checkpoint, a fresh learner resuming, N more steps."""
+    cfg = tiny_cfg.with_overrides({"train.max_steps": 12, "train.checkpoint_every": 100})
+    straight, _ = quiet_train(cfg, tmp_path / "a.pt")
+    first, _ = quiet_train(cfg, tmp_path / "b.pt", stop_at=6)
+    assert first.step == 6 and read_checkpoint(tmp_path / "b.pt")[0]["episodes"] == 6 * 32
+    resumed, totals = quiet_train(cfg, tmp_path / "b.pt")
+    assert resumed.step == 12 and totals["episodes"] == 12 * 32 and totals["start_step"] == 6
+    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    sa, sb = straight.optimizer.state_dict()["state"], resumed.optimizer.state_dict()["state"]
+    assert all(torch.equal(sa[k]["exp_avg_sq"], sb[k]["exp_avg_sq"]) for k in sa)
+    # a differently seeded run ends elsewhere: the equality above is not vacuous
+    other, _ = quiet_train(cfg.with_overrides({"train.seed": 1}), tmp_path / "c.pt")
+    assert any(not torch.equal(a, b) for a, b in zip(other.model.parameters(), straight.model.parameters()))
+
+
+def test_resume_rules(tiny_cfg, tmp_path):
+    """What a user extends or re-sizes may change on resume; the rest is refused with one line naming the key."""
+    path = tmp_path / "ck.pt"
+    quiet_train(tiny_cfg.with_overrides({"train.max_steps": 4}), path)
+    for key, value in [("train.lr", 0.5), ("task.dim", 5), ("regime.signal", "obs"), ("refiner.depth", 2),
+                       ("train.tasks_per_batch", 16), ("train.autocast", "bf16")]:
+        with pytest.raises(CheckpointError, match=f"written with {key}=.*cannot change on resume") as err:
+            quiet_train(tiny_cfg.with_overrides({"train.max_steps": 4, key: value}), path)
+        assert len(str(err.value).splitlines()) == 1
+    with pytest.raises(CheckpointError, match="past train.max_steps=3"):
+        quiet_train(tiny_cfg.with_overrides({"train.max_steps": 3}), path)
+    longer = tiny_cfg.with_overrides({"train.max_steps": 8, "eval.episodes": 32, "tracking.experiment": "x",
+                                      "train.log_every": 2, "distributed.staleness": 3})
+    learner, totals = quiet_train(longer, path)
+    assert totals["start_step"] == 4 and learner.step == 8 and totals["episodes"] == 8 * 32
+    assert read_checkpoint(path)[1].train.max_steps == 8  # the new config is what the checkpoint now carries
+
+
+def test_a_longer_schedule_continues_as_if_it_had_been_set_from_the_start(tiny_cfg):
+    """The learning rate is a function of (step, max_steps): resumed with a larger max_steps, every later step
+    has the rate a run started with that max_steps has there."""
+    short, long = tiny_cfg.with_overrides({"train.max_steps": 20}), tiny_cfg.with_overrides({"train.max_steps": 60})
+    learner = Learner(short)
+    learner.step = 20
+    assert learner.lr == pytest.approx(short.train.lr * short.train.min_lr_ratio)  # the end of the short schedule
+    learner.cfg = long
+    tc = long.train
+    assert learner.lr == pytest.approx(tc.lr * lr_multiplier(20, tc.warmup_steps, 60, tc.min_lr_ratio))
+
+
+def test_checkpoints_load_weights_only_and_bad_ones_are_clear_errors(tiny_cfg, tmp_path):
+    good = tmp_path / "good.pt"
+    quiet_train(tiny_cfg.with_overrides({"train.max_steps": 2}), good)
+    ckpt, cfg = read_checkpoint(good)  # weights_only=True inside
+    assert ckpt["format"] == checkpoint.CHECKPOINT_FORMAT and cfg == tiny_cfg.with_overrides({"train.max_steps": 2})
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(b"not a checkpoint at all")
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        read_checkpoint(bad)
+    torch.save({"format": checkpoint.CHECKPOINT_FORMAT, "payload": EpisodeStream(4)}, bad)  # an arbitrary object
+    with pytest.raises(CheckpointError, match="cannot be read"):
+        read_checkpoint(bad)
+    torch.save({"weights": 1}, bad)
+    with pytest.raises(CheckpointError, match="not an iai_dist checkpoint"):
+        read_checkpoint(bad)
+    torch.save({**ckpt, "format": 1}, bad)
+    with pytest.raises(CheckpointError, match="has format 1"):
+        read_checkpoint(bad)
+    torch.save({**ckpt, "episodes": 5}, bad)
+    with pytest.raises(CheckpointError, match="inconsistent"):
+        quiet_train(tiny_cfg.with_overrides({"train.max_steps": 4}), tmp_path / "out.pt", resume_from=bad)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        read_checkpoint(tmp_path / "missing.pt")
+
+
+def _poison(learner):
+    sample = learner.family.sample
+
+    def poisoned(*args, **kw):
+        ep = sample(*args, **kw)
+        ep.y_query[0, 0] = math.inf
+        return ep
+
+    learner.family.sample = poisoned
+
+
+def test_nonfinite_steps_are_skipped_still_move_the_schedule_then_stop_the_run(tiny_cfg):
+    learner = Learner(tiny_cfg.with_overrides({"train.max_nonfinite_in_row": 3, "train.warmup_steps": 0}))
+    source = LocalRollouts(learner, EpisodeStream(32))
+    tr, _ = source.next(0)
+    tr.state[-1, 0] = math.nan  # a step K-1 row (step-0 rows start from the live initial state)
+    before = [p.detach().clone() for p in learner.model.parameters()]
+    stats = learner.learn(tr)
+    assert stats.skipped and learner.step == 1 and learner.skipped == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, learner.model.parameters()))
+    learner.learn(source.next(1)[0])  # a good step, at the rate of step 1, not of step 0
+    tc = learner.cfg.train
+    assert learner.optimizer.param_groups[0]["lr"] == pytest.approx(
+        tc.lr * lr_multiplier(1, 0, tc.max_steps, tc.min_lr_ratio))
+    assert learner.nonfinite_in_row == 0
+
+    _poison(learner)
+    learner.learn(source.next(2)[0])
+    learner.learn(source.next(3)[0])
+    with pytest.raises(TrainingDiverged, match="3 learner steps in a row"):
+        learner.learn(source.next(4)[0])
+    assert learner.skipped == 4 and learner.step == 5
+
+
+def test_a_tiny_model_learns_to_refine(tiny_cfg):
+    cfg = tiny_cfg.with_overrides({"task.steps": 5, "train.max_steps": 150, "train.lr": 3e-3})
+    learner, _ = quiet_train(cfg, None)
+    ep = learner.family.sample(cfg.eval.seed, torch.arange(256))
+    terms = refine(learner.model, ep)
+    err = [float(t[0].sum() / t[1].sum()) for t in terms]
+    assert err[5] < err[1] < err[0]
+    assert err[5] < 0.5 * err[1]
+
+
+@pytest.mark.parametrize("kind,signal,param", [("parametric", "grad", "theta0"), ("explicit", "obs", "z0"),
+                                               ("implicit", "obs", "y0")])
+def test_the_learned_initial_state_is_trained(tiny_cfg, kind, signal, param):
+    learner = Learner(tiny_cfg.with_overrides({"regime.kind": kind, "regime.signal": signal}))
+    before = getattr(learner.model.regime, param).detach().clone()
+    source = LocalRollouts(learner, EpisodeStream(32))
+    for step in range(3):
+        learner.learn(source.next(step)[0])
+    assert not torch.equal(before, getattr(learner.model.regime, param))
+
+
+REGIMES = [("parametric", "obs+grad"), ("explicit", "obs+grad"), ("implicit", "obs")]
+
+
+@pytest.mark.parametrize("kind,signal", REGIMES)
+def test_transitions_hold_the_states_that_refine_produces(tiny_cfg, kind, signal):
+    learner = Learner(tiny_cfg.with_overrides({"regime.kind": kind, "regime.signal": signal, "task.steps": 4}))
+    torch.nn.init.normal_(learner.model.refiner.out.weight, std=0.2)  # non-trivial updates
+    ep = learner.family.sample(0, torch.arange(6))
+    tr = make_transitions(learner.model, ep)
+    model, state = learner.model, learner.model.initial_state(ep.x_query)
+    for i in range(4):
+        rows = slice(i * 6, (i + 1) * 6)
+        torch.testing.assert_close(tr.state[rows], state, rtol=0, atol=0)
+        x, y = ep.minibatch(i)
+        assert torch.equal(tr.x[rows], x) and torch.equal(tr.step[rows], torch.full((6,), i))
+        state = model.step(state, x, y, model.signal(state, x, y), torch.full((6,), i), ep.x_query)
+    assert not tr.state.requires_grad and tr.state.grad_fn is None
+
+
+@pytest.mark.parametrize("kind,signal", REGIMES)
+def test_the_loss_after_step_i_sends_no_gradient_into_earlier_steps(tiny_cfg, kind, signal):
+    """Greedy: the loss after step i depends on the state it started from only as data; step-0 rows start
+    from the live initial state instead, so only theta^(0)/z^(0)/y^(0) sees their loss through the state."""
+    learner = Learner(tiny_cfg.with_overrides({"regime.kind": kind, "regime.signal": signal, "task.steps": 3}))
+    torch.nn.init.normal_(learner.model.refiner.out.weight, std=0.2)
+    tr = make_transitions(learner.model, learner.family.sample(0, torch.arange(5)))
+    tr.state.requires_grad_(True)
+    sums, _ = greedy_terms(learner.model, tr)
+    for i in range(3):
+        (g,) = torch.autograd.grad(sums[i], tr.state, retain_graph=True)
+        per_row = g.flatten(1).abs().sum(1).view(3, 5)
+        assert torch.all(per_row[i] > 0) if i > 0 else torch.all(per_row[0] == 0)
+        assert torch.all(per_row[[j for j in range(3) if j != i]] == 0)
+
+
+def test_step_zero_rows_learn_from_the_live_initial_state_and_its_own_gradient(tiny_cfg):
+    """Transitions rolled out by older weights (an episode worker's) give step-0 rows the same loss as fresh
+    ones: the learner takes the initial state and its gradient signal at its own current weights."""
+    cfg = tiny_cfg.with_overrides({"regime.signal": "grad"})
+    old, new = Learner(cfg), Learner(cfg)
+    with torch.no_grad():
+        new.model.regime.theta0.add_(0.5)  # the learner's initial state has moved on since the rollout
+    ep = new.family.sample(0, torch.arange(8))
+    stale, fresh = make_transitions(old.model, ep), make_transitions(new.model, ep)
+    assert not torch.equal(stale.grad[:8], fresh.grad[:8])
+    torch.testing.assert_close(greedy_terms(new.model, stale)[0][0], greedy_terms(new.model, fresh)[0][0])
