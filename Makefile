@@ -18,7 +18,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 train: $(VENV)/.installed
-	RAY_AUTH_MODE=$${RAY_AUTH_MODE:-disabled} $(PY) -m iai_dist.train --preset $(PRESET) $(ARGS)
+	$(PY) -m iai_dist.train --preset $(PRESET) $(ARGS)
 
 # OMP_WAIT_POLICY=PASSIVE: on a CPU shared with other jobs, spinning OpenMP threads made the suite 10x slower.
 test: $(VENV)/.installed fashion-mnist-deb browser-deb

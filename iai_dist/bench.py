@@ -29,13 +29,12 @@ import torch
 from iai_dist import baselines
 from iai_dist.config import ExperimentConfig, load_config
 from iai_dist.devices import resolve_device, uses_bf16
-from iai_dist.evaluate import evaluate, format_table
+from iai_dist.evaluate import evaluate, format_table, one_step_config
 from iai_dist.experience import EpisodeStream, LocalRollouts
 from iai_dist.learner import FileSink, Learner, train_in_process, train_loop
 from iai_dist.refiner import IterativeModel
 from iai_dist.rollout import refine
 from iai_dist.tasks import build_family
-from iai_dist.train import one_step_config
 
 # name -> (preset, overrides). The linreg-paper rows are the DESIGN.md reference setting.
 SETTINGS: dict[str, tuple[str, list[str]]] = {
@@ -194,7 +193,7 @@ def side_by_side(args, device: torch.device) -> dict:
             sys.exit(f"error: --baseline {args.baseline}: {archive.stderr.decode().strip()}")
         subprocess.run(["tar", "-x", "-C", str(export)], input=archive.stdout, check=True)
         for preset in (export / "iai_dist" / "presets").glob("*.yaml"):  # older trees hard-code bf16 in presets
-            preset.write_text(preset.read_text().replace("autocast: bf16", f"autocast: {autocast}"))
+            preset.write_text(preset.read_text().replace("autocast: bf16", f"autocast: '{autocast}'"))
         setting = args.settings.split(",")[0]
         common = ["--settings", setting, "--tasks", str(args.tasks), "--steps", str(args.steps),
                   "--warmup", str(args.warmup), "--device", args.device]

@@ -11,10 +11,9 @@ import torch
 
 from iai_dist.bench import steps_in_process, train_for, write
 from iai_dist.config import ConfigError, ExperimentConfig, load_config
-from iai_dist.evaluate import evaluate, format_error
+from iai_dist.evaluate import evaluate, format_error, one_step_config
 from iai_dist.refiner import IterativeModel
 from iai_dist.tasks import build_family
-from iai_dist.train import one_step_config
 from iai_dist.learner import Learner
 
 TRANSFER_REGIMES: dict[str, list[str]] = {

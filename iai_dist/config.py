@@ -182,7 +182,13 @@ class DistributedConfig(_Section):
     staleness: int = Field(1, ge=0)
     sync_every: PositiveInt = 1  # rank 0 publishes the refiner's weights every this many learner steps
     max_failures: int = Field(3, ge=-1)  # learner failures recovered from the last checkpoint (-1: always)
-    worker_restarts: int = Field(-1, ge=-1)  # restarts of a crashed episode-worker actor (-1: always)
+    # Restarts of a crashed episode-worker actor over the run (-1: always). Finite, so that a worker that
+    # crashes every time ends the run with its last error instead of restarting forever.
+    worker_restarts: int = Field(10, ge=-1)
+    # A learner rank that gets no batch from its episode worker in this long stops the run (a hung worker).
+    rollout_timeout_s: float = Field(600.0, gt=0)
+    # Learners not placed within this long (time for an autoscaler to boot GPU nodes) stop the run.
+    placement_timeout_s: float = Field(900.0, gt=0)
 
 
 class ExperimentConfig(_Section):

@@ -100,13 +100,31 @@ def load_for_eval(path: Path, overrides: list[str], device) -> tuple[IterativeMo
     """A checkpoint's model, evaluated under its own config with --set overrides (e.g. another family)."""
     ckpt, cfg = read_checkpoint(path)
     cfg = cfg.with_overrides(dict(parse_override(o) for o in overrides))
+    return model_from_state(cfg, ckpt["model"], device, str(path)), cfg
+
+
+def model_from_state(cfg: ExperimentConfig, state: dict, device, source: str = "the checkpoint") -> IterativeModel:
     model = IterativeModel(cfg, build_family(cfg.task))
     try:
-        model.load_state_dict(ckpt["model"])
+        model.load_state_dict(state)
     except RuntimeError as exc:
         first = str(exc).splitlines()[1].strip() if len(str(exc).splitlines()) > 1 else str(exc)
-        raise ConfigError(f"{path} does not fit task {cfg.task.family} with these settings: {first}") from None
-    return model.to(device).eval(), cfg
+        raise ConfigError(f"{source} does not fit task {cfg.task.family} with these settings: {first}") from None
+    return model.to(device).eval()
+
+
+def evaluate_trained(cfg: ExperimentConfig, state: dict, one_step_state: dict | None, device=None) -> dict:
+    """The summary of a trained refiner (and one-step model) given their weights: what `train` evaluates,
+    in process or as Ray work on a learner's resources (service/evaluation.py)."""
+    device = resolve_device(cfg.train.device) if device is None else device
+    model = model_from_state(cfg, state, device)
+    one = None if one_step_state is None else model_from_state(one_step_config(cfg), one_step_state, device)
+    return evaluate(model, cfg, one, device)
+
+
+def one_step_config(cfg: ExperimentConfig) -> ExperimentConfig:
+    """The one-step (K=1) amortized model: reads all K*B context points at once, same learner steps."""
+    return cfg.with_overrides({"task.steps": 1, "task.batch_size": cfg.task.steps * cfg.task.batch_size})
 
 
 def one_step_beside(checkpoint: Path) -> Path:

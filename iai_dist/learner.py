@@ -37,6 +37,11 @@ class TrainingDiverged(RuntimeError):
     pass
 
 
+class ServiceError(RuntimeError):
+    """The experience source failed in a way that retrying will not fix (an episode worker that crashes every
+    time, a feed that stays silent); the message is one line for the user, naming the setting to change."""
+
+
 @dataclass
 class StepStats:
     """One learner step, over the global batch (every rank's transitions)."""

@@ -18,11 +18,10 @@ from typing import Sequence
 from iai_dist import checkpoint
 from iai_dist.checkpoint import CheckpointError
 from iai_dist.config import ConfigError, ExperimentConfig, load_config, preset_names, to_yaml
-from iai_dist.devices import resolve_device
-from iai_dist.evaluate import evaluate, format_table, load_for_eval
-from iai_dist.learner import TrainingDiverged, train_in_process
+from iai_dist.evaluate import evaluate_trained, format_table, one_step_config
+from iai_dist.learner import ServiceError, TrainingDiverged, train_in_process
 from iai_dist.tasks import build_family
-from iai_dist.tracking import Tracker, plot_errors
+from iai_dist.tracking import Tracker, plot_errors, tracking_uri
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -34,18 +33,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def one_step_config(cfg: ExperimentConfig) -> ExperimentConfig:
-    """The one-step (K=1) amortized model: reads all K*B context points at once, same learner steps."""
-    return cfg.with_overrides({"task.steps": 1, "task.batch_size": cfg.task.steps * cfg.task.batch_size})
-
-
 def fit_in_process(cfg: ExperimentConfig, out_dir: Path, tracker: Tracker, label: str, prefix: str,
                    callbacks: Sequence = ()):
     if callbacks:
         raise ValueError("Ray Train callbacks need the Ray service (distributed.num_workers > 0)")
-    learner, totals = train_in_process(cfg, out_dir / "checkpoint.pt", resume_from=checkpoint.newest(out_dir),
-                                       log=tracker.log_metrics, label=label, prefix=prefix)
-    return learner.model, totals
+    _, totals = train_in_process(cfg, out_dir / "checkpoint.pt", resume_from=checkpoint.newest(out_dir),
+                                 log=tracker.log_metrics, label=label, prefix=prefix)
+    return out_dir / "checkpoint.pt", totals
 
 
 def fit_on_ray(cfg: ExperimentConfig, out_dir: Path, tracker: Tracker, label: str, prefix: str,
@@ -53,25 +47,32 @@ def fit_on_ray(cfg: ExperimentConfig, out_dir: Path, tracker: Tracker, label: st
     from iai_dist.service import fit  # Ray stays out of the in-process path
 
     result = fit(cfg, out_dir, tracker.logger, label, prefix, callbacks=callbacks)
-    model, _ = load_for_eval(result.checkpoint, [], "cpu")
     restarted = [w["index"] for w in result.workers if w["restarted"]]
     nodes = set(result.service.get("learner_nodes", [])) | {w["node"] for w in result.workers}
-    return model, {**result.service, "restarted_episode_workers": restarted, "nodes": len(nodes)}
+    return result.checkpoint, {**result.service, "restarted_episode_workers": restarted, "nodes": len(nodes)}
 
 
 def run(cfg: ExperimentConfig, run_dir: Path, tracker: Tracker, callbacks: Sequence = ()) -> dict:
     """Train the refiner (and the one-step model), evaluate, log; `callbacks` (Ray Train's) see the
     refiner's training only: a sweep's trial forwards its reports to Tune with them."""
-    fit_model = fit_on_ray if cfg.distributed.num_workers else fit_in_process
-    model, info = fit_model(cfg, run_dir, tracker, "refiner", "train/", callbacks)
+    on_ray = bool(cfg.distributed.num_workers)
+    fit_model = fit_on_ray if on_ray else fit_in_process
+    trained, info = fit_model(cfg, run_dir, tracker, "refiner", "train/", callbacks)
     one_step = None
     if cfg.eval.one_step:
         one_dir = run_dir / "one_step"
         one_dir.mkdir(exist_ok=True)
         one_step, _ = fit_model(one_step_config(cfg), one_dir, tracker, "one-step", "one_step/")
-    device = resolve_device(cfg.train.device)
-    print(f"evaluating on {cfg.eval.episodes} held-out episodes, {cfg.eval.horizon}x{cfg.task.steps} steps ...", flush=True)
-    summary = evaluate(model.to(device), cfg, None if one_step is None else one_step.to(device), device)
+    where = " (Ray work with a learner's resources)" if on_ray else ""
+    print(f"evaluating on {cfg.eval.episodes} held-out episodes, {cfg.eval.horizon}x{cfg.task.steps} steps{where} ...",
+          flush=True)
+    states = [None if path is None else checkpoint.read_checkpoint(path)[0]["model"] for path in (trained, one_step)]
+    if on_ray:
+        from iai_dist.service.evaluation import evaluate_on_cluster
+
+        summary = evaluate_on_cluster(cfg, *states)
+    else:
+        summary = evaluate_trained(cfg, *states)
     summary["train"] = info
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     plot = plot_errors(summary, run_dir / "error_vs_step.png")
@@ -110,17 +111,29 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_config(args.preset, args.config, args.overrides)
         build_family(cfg.task)  # missing or broken image data stops here, before any work (and is loaded once)
-        run_dir = prepare_run_dir(cfg, args.preset or (None if args.config else "default"))
-    except (ConfigError, CheckpointError) as exc:
+    except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    with service_session(cfg):  # Ray, joined or embedded (the service path); nothing in process
+        try:
+            if cfg.distributed.num_workers:
+                from iai_dist.service.runtime import check_shared_paths
+
+                check_shared_paths(cfg, cfg.tracking.runs_dir, tracking_uri(Path(cfg.tracking.runs_dir)))
+            run_dir = prepare_run_dir(cfg, args.preset or (None if args.config else "default"))
+        except (ConfigError, CheckpointError) as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        return train_and_report(cfg, run_dir)
+
+
+def train_and_report(cfg: ExperimentConfig, run_dir: Path) -> int:
     tracker = Tracker(cfg, run_dir, run_dir.parent)
     print(f"run {run_dir.name}: {cfg.task.family}, {cfg.regime.kind} regime, signal {cfg.regime.signal}, "
           f"K={cfg.task.steps}, B={cfg.task.batch_size}; directory {run_dir}", flush=True)
     try:
-        with service_session(cfg):
-            summary = run(cfg, run_dir, tracker)
-    except (TrainingDiverged, CheckpointError) as exc:
+        summary = run(cfg, run_dir, tracker)
+    except (TrainingDiverged, CheckpointError, ServiceError) as exc:
         tracker.finish("FAILED")
         print(f"error: {exc}; the last good checkpoint is in {run_dir}", file=sys.stderr)
         return 1

@@ -23,7 +23,7 @@ from iai_dist.evaluate import metric_name
 from iai_dist.search_space import SearchSpace, load_space
 from iai_dist.sweep_report import best_trial, markdown_table, plot_sweep, write_csv
 from iai_dist.tasks import build_family
-from iai_dist.tracking import Tracker
+from iai_dist.tracking import Tracker, tracking_uri
 
 STATE_FILE = "sweep.json"  # the space and base config a sweep was started with; --resume checks them
 
@@ -39,7 +39,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--resume", action="store_true", help="continue an interrupted sweep: unfinished and "
                         "failed trials resume from their last checkpoints, finished ones are kept")
     parser.add_argument("--max-concurrent", type=int, metavar="N",
-                        help="at most N trials at once (default: as many as the cluster's resources hold)")
+                        help="at most N trials at once (default: as many as the cluster can scale to)")
+    parser.add_argument("--trial-retries", type=int, default=2, metavar="N",
+                        help="a failed trial (a lost node, a crashed trial process) is started again up to N times, "
+                             "resuming from its own last checkpoint (default: 2)")
     return parser.parse_args(argv)
 
 
@@ -114,25 +117,34 @@ def main(argv: list[str] | None = None, on_trial=None) -> int:
         space, base = load_space(args.space, args.preset, args.overrides)
         if args.max_concurrent is not None and args.max_concurrent < 1:
             raise ConfigError(f"--max-concurrent: expected a positive number of trials (got {args.max_concurrent})")
+        if args.trial_retries < 0:
+            raise ConfigError(f"--trial-retries: expected 0 or more (got {args.trial_retries})")
         family = build_family(base.task)  # missing image data stops here, before any trial
-        sweep_dir = prepare_sweep_dir(args, space, base)
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     from iai_dist.service import ray_session
-    from iai_dist.service.sweep import run_sweep
+    from iai_dist.service.runtime import check_shared_paths
+    from iai_dist.service.sweep import run_sweep, trials_at_once
 
-    parent = Tracker(base, sweep_dir, sweep_dir.parent, run_name=sweep_dir.name)
-    if not args.resume:
-        parent.log_params({f"sweep.{key}": f"{d.kind} {list(d.values)}" for key, d in space.params.items()})
-        parent.log_artifact(args.space)
-    try:
-        with ray_session(base):
-            rows = run_sweep(space, base, sweep_dir, parent, args.resume, args.max_concurrent, on_trial)
-        table = publish(rows, sweep_dir, parent, metric_name(family.kind))
-    except BaseException:
-        parent.finish("FAILED")
-        raise
+    with ray_session(base):
+        try:  # what needs the cluster to check: paths other machines cannot reach, a trial larger than it
+            check_shared_paths(base, base.tracking.runs_dir, tracking_uri(Path(base.tracking.runs_dir)))
+            at_once = trials_at_once(base, space, args.max_concurrent)
+            sweep_dir = prepare_sweep_dir(args, space, base)
+        except ConfigError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return 2
+        parent = Tracker(base, sweep_dir, sweep_dir.parent, run_name=sweep_dir.name)
+        if not args.resume:
+            parent.log_params({f"sweep.{key}": f"{d.kind} {list(d.values)}" for key, d in space.params.items()})
+            parent.log_artifact(args.space)
+        try:
+            rows = run_sweep(space, base, sweep_dir, parent, args.resume, at_once, on_trial, args.trial_retries)
+            table = publish(rows, sweep_dir, parent, metric_name(family.kind))
+        except BaseException:
+            parent.finish("FAILED")
+            raise
     parent.finish()
     print()
     print(table)

@@ -3,6 +3,16 @@ import torch
 
 from iai_dist.config import load_config
 
+RAY_FIXTURES = {"ray_local", "sweep", "cluster", "tracking_server"}
+
+
+def pytest_collection_modifyitems(items):
+    """Every test on a real Ray (tens of seconds each) is marked slow: `make test` runs them all the same;
+    `make test ARGS="-m 'not slow'"` is the quick loop (under a minute)."""
+    for item in items:
+        if RAY_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
 
 @pytest.fixture(autouse=True)
 def _threads():

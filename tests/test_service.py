@@ -1,7 +1,11 @@
 """The Ray service on a real local Ray: episode workers + Ray Train learners, faults, exact resume, the CLI."""
 
 import json
+import os
+import signal
 import sys
+import threading
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -16,7 +20,6 @@ from iai_dist.checkpoint import CheckpointError, read_checkpoint
 from iai_dist.learner import train_in_process
 from iai_dist.service import fit
 from iai_dist.service.fit import episode_worker_name
-from iai_dist.tracking import RunLogger
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the hooks below run inside Train workers
 
@@ -66,31 +69,6 @@ def check_ledger(seen, steps: range, ranks: int, tasks: int, staleness: int) -> 
 
 def _sqlite(path: Path) -> str:
     return f"sqlite:///{path}"
-
-
-def test_two_learners_two_episode_workers_survive_a_killed_worker_and_a_learner_failure(ray_local, tiny_cfg, tmp_path):
-    cfg = tiny_cfg.with_overrides({**SERVICE, "distributed.num_workers": 2, "distributed.episode_workers": 2,
-                                   "train.max_steps": 40, "train.log_every": 5, "train.checkpoint_every": 10})
-    run_dir = tmp_path / "faults"
-    client = MlflowClient(_sqlite(tmp_path / "mlflow.db"))
-    run_id = client.create_run(client.create_experiment("service")).info.run_id
-    hook = Hook(tmp_path / "ledger.txt", kill_worker=(episode_worker_name(run_dir, "refiner", 1), 8), fail_at=13)
-
-    result = fit(cfg, run_dir, RunLogger(_sqlite(tmp_path / "mlflow.db"), run_id), on_step=hook)
-
-    assert result.service["steps"] == 40 and result.service["start_step"] == 10  # the attempt after the failure
-    assert result.service["episodes"] == 40 * 32 == read_checkpoint(result.checkpoint)[0]["episodes"]
-    check_ledger(read_ledger(hook.ledger), range(1, 41), ranks=2, tasks=32, staleness=1)
-    by_index = {w["index"]: w for w in result.workers}
-    assert by_index[1]["restarted"] and not by_index[0]["restarted"]
-    assert 0 < by_index[1]["batches_this_incarnation"] < 40
-    k = cfg.task.steps
-    heldout = [m.value for m in client.get_metric_history(run_id, f"train/heldout_error/step_{k}")]
-    assert heldout[-1] < 0.7 * heldout[0]  # learning, on fixed held-out episodes
-    history = client.get_metric_history(run_id, "train/staleness_max")
-    assert {m.value for m in history if m.step > 5} == {1.0}  # exactly distributed.staleness, after the start
-    metrics = client.get_run(run_id).data.metrics
-    assert metrics["train/transitions_per_s"] > 0 and 0 <= metrics["train/learner_idle_pct"] <= 100
 
 
 def test_ray_training_is_exact_across_a_learner_failure_and_resumes_with_more_workers(ray_local, tiny_cfg, tmp_path):
@@ -157,3 +135,33 @@ def test_train_cli_on_ray_logs_one_mlflow_run_with_service_metrics(ray_local, tm
     assert any(name.startswith("system/") for name in mrun.data.metrics)
     artifacts = {a.path for a in client.list_artifacts(mrun.info.run_id)}
     assert {"summary.json", "config.yaml", "error_vs_step.png", "checkpoint.pt"} <= artifacts
+
+
+def test_an_episode_worker_that_crashes_every_time_ends_the_run_with_one_line(ray_local, tmp_path, capsys):
+    """Its process is killed as soon as it runs, every time: once Ray has restarted it
+    distributed.worker_restarts times, the command stops with one line naming the worker and the setting."""
+    name, stop = episode_worker_name(tmp_path / "crash", "refiner", 0), threading.Event()
+
+    def crash_forever():
+        while not stop.is_set():
+            try:
+                os.kill(ray.get(ray.get_actor(name).info.remote(), timeout=5)["pid"], signal.SIGKILL)
+            except Exception:  # not started yet, restarting, or dead for good
+                pass
+            time.sleep(0.3)
+
+    killer = threading.Thread(target=crash_forever, daemon=True)
+    killer.start()
+    argv = ["--preset", "tiny", "--set", "tracking.enabled=false", f"--set=tracking.runs_dir={tmp_path}",
+            "--set", "tracking.run_name=crash", "--set", "distributed.num_workers=1", "--set", "distributed.episode_workers=1",
+            "--set", "distributed.worker_restarts=1", "--set", "distributed.max_failures=0", "--set", "train.max_steps=400",
+            *[f"--set={k}={v}" for k, v in SERVICE.items()]]
+    start = time.monotonic()
+    try:
+        assert train.main(argv) == 1
+    finally:
+        stop.set()
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "episode worker 0 died and Ray restarts it no more (distributed.worker_restarts=1" in err
+    assert time.monotonic() - start < 180

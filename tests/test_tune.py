@@ -107,13 +107,32 @@ def test_cli_refuses_a_bad_space_before_any_work(tmp_path, capsys):
 
 
 def test_trials_at_once_counts_each_trials_learners_and_episode_workers(ray_local, tmp_path):
+    from iai_dist.service.capacity import cluster_capacity
     from iai_dist.service.sweep import trials_at_once
 
     # the session's Ray has 4 CPUs; a tiny trial holds 1 (itself) + 0.5 (learner) + 0.5 per episode worker
+    capacity = cluster_capacity()
+    assert capacity.source.startswith("the nodes alive now") and capacity.hosts == 1
     space, base = load_space(_space(tmp_path, {"task.steps": {"grid": [1, 2, 3]}}))
-    assert trials_at_once(base, space, None) == 2 and trials_at_once(base, space, 1) == 1
+    assert trials_at_once(base, space, None, capacity) == 2 and trials_at_once(base, space, 1, capacity) == 1
     space, base = load_space(_space(tmp_path, {"distributed.episode_workers": {"grid": [1, 3]}}))
-    assert trials_at_once(base, space, None) == 1  # the 3-worker trials need 3 CPUs
+    assert trials_at_once(base, space, None, capacity) == 1  # the 3-worker trials need 3 CPUs
+    space, base = load_space(_space(tmp_path, {"distributed.episode_workers": {"grid": [1, 7]}}))
+    with pytest.raises(ConfigError, match="one trial needs 9 bundles .* more than the cluster can scale to"):
+        trials_at_once(base, space, None, capacity)  # 1 + 7 x 0.5 + 0.5 = 5 CPUs
+
+
+def test_paper_sweep_on_the_aws_cluster_runs_as_many_trials_as_its_gpu_nodes_hold():
+    """An autoscaling cluster starts with no GPU; concurrency comes from what its config lets it scale to."""
+    from iai_dist.service.capacity import from_autoscaling_config
+    from iai_dist.service.sweep import trials_at_once
+
+    capacity = from_autoscaling_config(yaml.safe_load((ROOT / "cluster" / "aws.yaml").read_text()), "aws.yaml")
+    assert capacity.hosts == 9  # the head and 8 g5.12xlarge
+    space, base = load_space(ROOT / "tune_spaces" / "paper.yaml", None, ["distributed.use_gpu=true"])
+    # a trial: 1 learner (1 GPU) + 2 episode workers (0.25 GPU each) = 1.5 GPUs; 8 nodes x 4 GPUs hold 21
+    assert trials_at_once(base, space, None, capacity) == 21
+    assert trials_at_once(base, space, 5, capacity) == 5
 
 
 def _fail_implicit(cfg) -> None:
@@ -129,7 +148,7 @@ def sweep(ray_local, tmp_path_factory):
                                              {"kind": "parametric", "signal": "obs+grad"},
                                              {"kind": "implicit", "signal": "obs"}]}})
     runs = tmp / "runs"
-    argv = ["--space", str(space), "--set", f"tracking.runs_dir={runs}", "--name", "tiny-sweep"]
+    argv = ["--space", str(space), "--set", f"tracking.runs_dir={runs}", "--name", "tiny-sweep", "--trial-retries", "0"]
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         code = tune.main(argv, on_trial=_fail_implicit)

@@ -27,30 +27,43 @@ class WeightBoard:
     """The published refiner weights by version (the learner step that produced them), owned by this actor
     so they outlive a restarted learner.
 
-    Each learner attempt opens a new generation with the versions its checkpoint kept; requests of an older
-    generation are answered "superseded", so a worker never waits for, nor rolls out with, weights of an attempt
-    that was rolled back.
+    Versions belong to a generation, one per learner attempt (a random id): a request of another generation
+    is answered "superseded", so a worker never waits for, nor rolls out with, weights of an attempt that was
+    rolled back. The board is restartable: after its own death it comes back empty and answers "pending" until
+    a learner rank hands it the versions still needed again (`ensure`), which every rank does while it waits.
     """
 
     def __init__(self) -> None:
-        self.generation = 0
+        self.generation: int | None = None
         self.versions: dict[int, list[ray.ObjectRef]] = {}
 
-    def open(self, window: dict[int, dict[str, torch.Tensor]]) -> int:
-        self.generation += 1
-        self.versions = {v: [ray.put(w)] for v, w in window.items()}  # lists: callers get refs, not values
-        return self.generation
-
-    def publish(self, generation: int, version: int, weights: dict[str, torch.Tensor], keep_from: int) -> None:
+    def ensure(self, generation: int, window: dict[int, dict[str, torch.Tensor]]) -> None:
+        """Open `generation` (dropping any other) and hold every version of `window` it lacks."""
         if generation != self.generation:
-            return
+            self.generation, self.versions = generation, {}
+        for version, weights in window.items():
+            if version not in self.versions:
+                self.versions[version] = [ray.put(weights)]  # lists: callers get refs, not values
+
+    def missing(self, generation: int, versions: list[int]) -> list[int]:
+        """Which of `versions` the board does not hold for `generation` (all of them after a restart)."""
+        if generation != self.generation:
+            return list(versions)
+        return [v for v in versions if v not in self.versions]
+
+    def publish(self, generation: int, version: int, weights: dict[str, torch.Tensor], keep_from: int) -> bool:
+        """Add a version and forget those below keep_from; False if the board does not know the generation
+        (it restarted): the publisher then hands it the whole window with `ensure`."""
+        if generation != self.generation:
+            return False
         self.versions[version] = [ray.put(weights)]
         for old in [v for v in self.versions if v < keep_from]:
             del self.versions[old]
+        return True
 
     def get(self, generation: int, version: int) -> tuple[str, list[ray.ObjectRef]]:
         """("ready", [weights]), ("pending", []) or ("superseded", [])."""
-        if generation != self.generation:
+        if self.generation is not None and generation != self.generation:
             return "superseded", []
         if version in self.versions:
             return "ready", self.versions[version]
@@ -84,15 +97,19 @@ class EpisodeWorker:
         deadline = time.monotonic() + WEIGHTS_TIMEOUT_S
         while True:  # the learner publishes the version right after the step that makes it
             status, refs = ray.get(self.board.get.remote(generation, version))
-            if status == "ready":
-                break
             if status == "superseded":
                 return False
+            if status == "ready":
+                try:
+                    weights = ray.get(refs[0])
+                    break
+                except ray.exceptions.ObjectLostError:
+                    pass  # the board died after answering: it is restarted and refilled; ask again
             if time.monotonic() > deadline:
                 raise TimeoutError(f"episode worker {self.index}: weight version {version} was not published "
                                    f"in {WEIGHTS_TIMEOUT_S:.0f}s")
             time.sleep(0.002)
-        self.model.load_state_dict(ray.get(refs[0]))
+        self.model.load_state_dict(weights)
         self.loaded = (generation, version)
         return True
 

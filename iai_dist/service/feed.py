@@ -19,9 +19,10 @@ import ray.train
 import torch
 
 from iai_dist.experience import EpisodeStream
+from iai_dist.learner import ServiceError
 from iai_dist.rollout import Transitions
 
-FEED_TIMEOUT_S = 900.0  # no batch in this long: the job stops and says which worker
+WAIT_SLICE_S = 1.0  # while waiting for a batch, check the weight board this often
 
 
 class VersionSchedule:
@@ -45,13 +46,19 @@ class VersionSchedule:
 
 class RayFeed:
     """This rank's experience source: requests for its slice of each step, dealt round-robin to its episode
-    workers, staleness + 1 in flight (the bounded buffer: workers roll out only what was asked for). Rank 0
-    also publishes the weights and keeps the versions that requests still need (what its checkpoint holds)."""
+    workers, staleness + 1 in flight (the bounded buffer: workers roll out only what was asked for).
+
+    Every rank keeps the weight versions that requests still need (the window; rank 0's goes into the
+    checkpoint) and rank 0 publishes them. Waits are bounded and self-repairing: while a rank waits for a
+    batch it checks the weight board every second and hands a restarted (empty) board the window again; a
+    worker that Ray will not restart any more, or no batch within distributed.rollout_timeout_s, ends the
+    run with one line naming the worker and the setting to change."""
 
     def __init__(self, learner, stream: EpisodeStream, workers: dict[int, "ray.actor.ActorHandle"], board,
                  generation: int, schedule: VersionSchedule, window: dict[int, dict], end: int):
         self.learner, self.stream, self.workers, self.board = learner, stream, workers, board
         self.generation, self.schedule, self.window, self.end = generation, schedule, window, end
+        self.settings = learner.cfg.distributed
         self.order = sorted(workers)
         self.pending: deque[tuple[int, int, ray.ObjectRef]] = deque()
         self.next_request = learner.step
@@ -73,11 +80,20 @@ class RayFeed:
         if asked != step:
             raise RuntimeError(f"rank {self.stream.rank}: the feed holds step {asked} where step {step} was due")
         start = time.perf_counter()
+        while not ray.wait([ref], timeout=WAIT_SLICE_S)[0]:
+            self._repair_board()
+            if time.perf_counter() - start > self.settings.rollout_timeout_s:
+                raise ServiceError(f"episode worker {w} sent no transitions for learner step {step} in "
+                                   f"{self.settings.rollout_timeout_s:g}s (distributed.rollout_timeout_s)")
         try:
-            tr = ray.get(ref, timeout=FEED_TIMEOUT_S)
-        except ray.exceptions.GetTimeoutError:
-            raise RuntimeError(f"episode worker {w} sent no transitions for learner step {step} in "
-                               f"{FEED_TIMEOUT_S:.0f}s") from None
+            tr = ray.get(ref)
+        except ray.exceptions.RayActorError as exc:
+            restarts = self.settings.worker_restarts
+            raise ServiceError(
+                f"episode worker {w} died and Ray restarts it no more (distributed.worker_restarts={restarts}; "
+                f"raise it if its crashes are transient); last error: {error_line(exc)}") from None
+        except ray.exceptions.RayTaskError as exc:
+            raise ServiceError(f"episode worker {w} failed on learner step {step}: {error_line(exc)}") from None
         waited = time.perf_counter() - start
         if tr is None or tr.version != self.schedule.version_for(step):
             raise RuntimeError(f"episode worker {w} answered learner step {step} with weight version "
@@ -85,18 +101,32 @@ class RayFeed:
         self._request()
         return tr, waited
 
+    def _repair_board(self) -> None:
+        """A weight board that died comes back empty: hand it the versions requests still need."""
+        missing = ray.get(self.board.missing.remote(self.generation, list(self.window)))
+        if missing:
+            ray.get(self.board.ensure.remote(self.generation, {v: self.window[v] for v in missing}))
+
     def learned(self, learner) -> None:
-        if learner.rank != 0 or not self.schedule.publishes(learner.step):
+        if not self.schedule.publishes(learner.step):
             return
         weights = {name: t.detach().to("cpu", copy=True) for name, t in learner.model.state_dict().items()}
         # requests still to come are for steps >= learner.step - 1 on every rank (DDP keeps them in lock-step)
         keep_from = self.schedule.version_for(max(learner.step - 1, self.schedule.start))
         self.window = {v: w for v, w in self.window.items() if v >= keep_from}
         self.window[learner.step] = weights
-        self.board.publish.remote(self.generation, learner.step, weights, keep_from)
+        if learner.rank == 0:
+            self.board.publish.remote(self.generation, learner.step, weights, keep_from)
 
     def state_dict(self) -> dict:
         return {"published": dict(self.window)} if self.learner.rank == 0 else {}
+
+
+def error_line(error: BaseException) -> str:
+    """An exception Ray hands back (not Ray's wrapper around it), on one line."""
+    cause = getattr(error, "cause", None) or error
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    return f"{type(cause).__name__}: {lines[-1] if lines else ''}".strip()
 
 
 class RayTrainSink:

@@ -16,18 +16,24 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 import ray
-from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, UserCallback
+from ray.train import (
+    CheckpointConfig, ControllerError, FailureConfig, LoggingConfig, RunConfig, ScalingConfig, TrainingFailedError,
+    UserCallback, WorkerGroupError,
+)
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from iai_dist import checkpoint
 from iai_dist.config import ExperimentConfig
+from iai_dist.learner import ServiceError
 from iai_dist.rollout import Transitions
 from iai_dist.service.episode_worker import EpisodeWorker, WeightBoard
+from iai_dist.service.feed import error_line
 from iai_dist.service.learner_loop import learner_loop
 from iai_dist.tracking import RunLogger
 
 
 REPORT_POLL_S = 0.1
+UNPLACED = ("WorkerGroupStartupTimeoutError", "InsufficientClusterResourcesError")
 
 
 @dataclass
@@ -40,6 +46,15 @@ class FitResult:
 def episode_worker_name(run_dir: Path, label: str, index: int) -> str:
     """Actor names, so `ray list actors` (and a test that kills one) can find them."""
     return f"{run_dir.name}:{label}:episode-worker-{index}"
+
+
+def training_failure(error: TrainingFailedError) -> str:
+    """What a learner (or Ray Train's controller) raised, on one line."""
+    if isinstance(error, WorkerGroupError) and error.worker_failures:
+        return error_line(next(iter(error.worker_failures.values())))
+    if isinstance(error, ControllerError):
+        return error_line(error.controller_failure)
+    return error_line(error)
 
 
 def newest_checkpoint(run_dir: Path, cfg: ExperimentConfig) -> tuple[Path, dict] | None:
@@ -69,13 +84,17 @@ def fit(
     # worker's next report waits for that: reports at every log step cost up to 2 s each (measured: 20 reports
     # of a tiny run, 38 s). The driver's value reaches the controller.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", str(REPORT_POLL_S))
+    # Learners that cannot be placed (autoscaling included) within this long fail the run with one line, once
+    # (controller_failure_limit=0 below), instead of Ray Train retrying the placement forever.
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(d.placement_timeout_s)
     logging.getLogger("ray.train").setLevel(logging.WARNING)  # we say "resuming from step N" ourselves
     found = newest_checkpoint(run_dir, cfg)
     if found is not None:
         print(f"[{label}] resuming from step {found[1]['step']} ({found[0].relative_to(run_dir.parent)})", flush=True)
     cfg_data = cfg.model_dump(mode="json")
     board_name = f"{run_dir.name}:{label}:weight-board"
-    board = ray.remote(num_cpus=0)(WeightBoard).options(name=board_name).remote()
+    # restartable: it comes back empty and the learners hand it the weights still needed (feed.RayFeed)
+    board = ray.remote(num_cpus=0)(WeightBoard).options(name=board_name, max_restarts=-1, max_task_retries=-1).remote()
     worker_cls = ray.remote(EpisodeWorker)
     workers = [
         worker_cls.options(
@@ -98,7 +117,7 @@ def fit(
         run_config=RunConfig(
             name=run_dir.name,
             storage_path=str(run_dir.parent),
-            failure_config=FailureConfig(max_failures=d.max_failures),
+            failure_config=FailureConfig(max_failures=d.max_failures, controller_failure_limit=0),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             logging_config=LoggingConfig(log_level="WARNING"),  # not a line per ray.train.report
             callbacks=list(callbacks),
@@ -107,6 +126,14 @@ def fit(
     try:
         result = trainer.fit()
         infos = ray.get([w.info.remote() for w in workers])
+    except TrainingFailedError as exc:  # after Ray Train's own retries: one line, the learner's own error
+        if isinstance(exc, ControllerError) and type(exc.controller_failure).__name__ in UNPLACED:
+            learner = {"CPU": d.learner_cpus, **({"GPU": 1} if d.use_gpu else {})}
+            raise ServiceError(
+                f"[{label}] the {d.num_workers} learner(s) ({learner} each) were not placed within "
+                f"{d.placement_timeout_s:g}s (distributed.placement_timeout_s): the cluster lacks, or could not scale "
+                f"up to, those resources") from None
+        raise ServiceError(f"[{label}] training failed: {training_failure(exc)}") from None
     finally:
         for actor in (*workers, board):
             ray.kill(actor, no_restart=True)

@@ -8,6 +8,7 @@ with the RayFeed as experience source and ray.train.report as checkpoint sink.
 from __future__ import annotations
 
 import logging
+import random
 from pathlib import Path
 
 import ray
@@ -41,13 +42,14 @@ def learner_loop(config: dict) -> dict:
         window = {learner.step: {k: t.detach().to("cpu", copy=True) for k, t in learner.model.state_dict().items()}}
     schedule = VersionSchedule(d.staleness, d.sync_every, learner.step, list(window))
     board = config["board"]
-    generation = [ray.get(board.open.remote(window)) if rank == 0 else None]
+    generation = [random.getrandbits(63) if rank == 0 else None]  # this learner attempt's: never reused
     if world > 1:
         dist.broadcast_object_list(generation, src=0)
+    if rank == 0:
+        ray.get(board.ensure.remote(generation[0], window))
     mine = {w: h for w, h in enumerate(config["episode_workers"]) if w % world == rank}
     stream = EpisodeStream(cfg.train.tasks_per_batch, rank, world, cursor)
-    feed = RayFeed(learner, stream, mine, board, generation[0], schedule, window if rank == 0 else {},
-                   cfg.train.max_steps)
+    feed = RayFeed(learner, stream, mine, board, generation[0], schedule, window, cfg.train.max_steps)
 
     logger: RunLogger = config["logger"]
     totals = train_loop(learner, feed, RayTrainSink(rank), log=logger.log_metrics if rank == 0 else None,

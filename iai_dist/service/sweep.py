@@ -16,14 +16,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import ray
 from ray import tune
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 
-from iai_dist.config import ExperimentConfig, validate
+from iai_dist.config import ConfigError, ExperimentConfig, validate
 from iai_dist.search_space import Domain, SearchSpace, trial_overrides
-from iai_dist.service.runtime import cpus_needed
+from iai_dist.service.feed import error_line
+from iai_dist.service.capacity import Capacity, cluster_capacity, fits
 from iai_dist.sweep_report import TrialRow, short_params
 from iai_dist.tracking import Tracker
 
@@ -32,7 +32,7 @@ from iai_dist.tracking import Tracker
 TUNE_DIR = "tune"
 ENDED_FILE = "trials_ended.json"  # trial id -> finished | stopped early | failed, as the trials end
 TRIALS_DIR = "trials"  # each trial's run directory: trials/<trial id>
-TRIAL_CPUS = 1.0  # the trial's own process: it drives the TorchTrainer, then evaluates (counted in cpus_needed)
+TRIAL_CPUS = 1.0  # the trial's own process: it drives the TorchTrainer
 
 
 @dataclass(frozen=True)
@@ -77,25 +77,42 @@ def run_trial(params: dict[str, Any], sweep: SweepContext) -> None:
 
 def trial_resources(cfg: ExperimentConfig) -> tune.PlacementGroupFactory:
     """The trial's placement group: its own process and its episode workers (actors it starts itself).
-    Ray Train places the learners in a placement group of its own."""
+    Ray Train places the learners in a placement group of its own (so does the evaluation task)."""
+    return tune.PlacementGroupFactory(training_bundles(cfg)[:1 + cfg.distributed.episode_workers])
+
+
+def training_bundles(cfg: ExperimentConfig) -> list[dict[str, float]]:
+    """Everything one training of the sweep holds at once: the trial process, its episode workers, its learners."""
     d = cfg.distributed
     worker = {"CPU": d.episode_worker_cpus, **({"GPU": d.episode_worker_gpus} if d.use_gpu else {})}
-    return tune.PlacementGroupFactory([{"CPU": TRIAL_CPUS}] + [worker] * d.episode_workers)
+    learner = {"CPU": d.learner_cpus, **({"GPU": 1.0} if d.use_gpu else {})}
+    return [{"CPU": TRIAL_CPUS}] + [worker] * d.episode_workers + [learner] * d.num_workers
 
 
-def trials_at_once(base: ExperimentConfig, space: SearchSpace, cap: int | None) -> int:
-    """As many trials as the cluster's CPUs (and GPUs) hold, each with its learners and episode workers
-    (the largest trial, where the space varies distributed.*); at least one, at most the number of
-    trials (or `cap`)."""
-    resources = ray.cluster_resources()
+def trials_at_once(base: ExperimentConfig, space: SearchSpace, cap: int | None, capacity: Capacity | None = None
+                   ) -> int:
+    """As many trials as the cluster can hold once scaled up (the largest trial where the space varies
+    distributed.*), at most the number of trials (or `cap`). A trial larger than the whole cluster can ever
+    be is refused before any work."""
+    capacity = capacity or cluster_capacity()
     configs = [base] + [base.with_overrides(trial_overrides({key: value}))
                         for key, domain in space.params.items() if key.startswith("distributed")
                         for value in domain.probes()]
-    fit = min(resources.get("CPU", 1) // cpus_needed(cfg) for cfg in configs)
-    for d in (cfg.distributed for cfg in configs if cfg.distributed.use_gpu):
-        fit = min(fit, resources.get("GPU", 0) // (d.num_workers + d.episode_workers * d.episode_worker_gpus))
-    n = min(max(1, int(fit)), space.num_trials())
+    largest = max(configs, key=lambda c: sum(sum(b.values()) for b in training_bundles(c)))
+    n = min(fits(capacity, training_bundles(c), space.num_trials()) for c in configs)
+    if n == 0:
+        raise ConfigError(f"one trial needs {len(training_bundles(largest))} bundles "
+                          f"({_bundles(training_bundles(largest))}), more than the cluster can scale to: "
+                          f"{capacity.describe()} (read from {capacity.source})")
     return min(n, cap) if cap else n
+
+
+def _bundles(bundles: list[dict[str, float]]) -> str:
+    counts: dict[str, int] = {}
+    for b in bundles:
+        key = "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(b.items())) + "}"
+        counts[key] = counts.get(key, 0) + 1
+    return " + ".join(f"{n} x {k}" for k, n in counts.items())
 
 
 def _tune_domain(domain: Domain):
@@ -176,17 +193,19 @@ class SweepProgress(tune.Callback):
 
 
 def run_sweep(space: SearchSpace, base: ExperimentConfig, sweep_dir: Path, parent: Tracker, resume: bool,
-              max_concurrent: int | None = None, on_trial: Callable[[ExperimentConfig], None] | None = None
-              ) -> list[TrialRow]:
-    """Run (or continue) the sweep on the connected Ray cluster; one row per trial, finished or not."""
+              at_once: int, on_trial: Callable[[ExperimentConfig], None] | None = None,
+              trial_retries: int = 2) -> list[TrialRow]:
+    """Run (or continue) the sweep on the connected Ray cluster, `at_once` trials at a time (trials_at_once);
+    one row per trial, finished or not. A trial that fails is started again up to `trial_retries` times (a
+    lost node), resuming from its own checkpoint."""
     context = SweepContext(base.model_dump(mode="json"), str(sweep_dir / TRIALS_DIR), parent.uri, parent.run_id,
                            on_trial)
     trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=context),
                                     lambda params: trial_resources(base.with_overrides(trial_overrides(params))))
-    at_once = trials_at_once(base, space, max_concurrent)
-    print(f"[sweep] {sweep_dir.name}: {space.num_trials()} trial(s), {at_once} at a time "
-          f"({cpus_needed(base)} CPUs each, cluster {ray.cluster_resources().get('CPU', 0):g}); "
-          f"early stopping {'ASHA' if space.early_stopping else 'off'}", flush=True)
+    capacity = cluster_capacity()
+    print(f"[sweep] {sweep_dir.name}: {space.num_trials()} trial(s), {at_once} at a time (each "
+          f"{_bundles(training_bundles(base))}; the cluster can scale to {capacity.describe()}, from "
+          f"{capacity.source}); early stopping {'ASHA' if space.early_stopping else 'off'}", flush=True)
     if resume:
         tuner = tune.Tuner.restore(str(sweep_dir / TUNE_DIR), trainable, resume_unfinished=True, resume_errored=True)
     else:
@@ -200,7 +219,8 @@ def run_sweep(space: SearchSpace, base: ExperimentConfig, sweep_dir: Path, paren
             run_config=tune.RunConfig(
                 name=TUNE_DIR, storage_path=str(sweep_dir), verbose=0,
                 callbacks=[SweepProgress(space.num_trials(), sweep_dir)],
-                failure_config=tune.FailureConfig(max_failures=0),  # a failed trial is reported, the rest go on
+                # a failed trial is retried from its own checkpoint, then reported; the rest go on
+                failure_config=tune.FailureConfig(max_failures=trial_retries),
             ),
         )
     results = tuner.fit()
@@ -230,13 +250,7 @@ def _row(result, ended: dict[str, str], sweep_dir: Path, base: ExperimentConfig)
         trial=trial_id, status=status, params=overrides, steps=cfg.task.steps,
         regime=(cfg.regime.kind, cfg.regime.signal),
         learner_steps=int(metrics.get("learner_step", 0)), errors=[float(e) for e in errors], source=source,
-        error=None if result.error is None or status != "failed" else failure_line(result.error),
+        error=None if result.error is None or status != "failed" else error_line(result.error),
         run_dir=run_dir, mlflow_run_id=run_id_file.read_text().strip() if run_id_file.exists() else None,
     )
 
-
-def failure_line(error: BaseException) -> str:
-    """The exception the trial raised (not Ray's wrapper around it), on one line."""
-    cause = getattr(error, "cause", None) or error
-    lines = [line for line in str(cause).splitlines() if line.strip()]
-    return f"{type(cause).__name__}: {lines[-1] if lines else ''}".strip()

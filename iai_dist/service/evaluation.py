@@ -1,0 +1,34 @@
+"""Evaluation as Ray work with a learner's resources, never on the driver: the head of a cluster may have no
+GPU and few CPUs (the shipped configs give it none for training), and evaluation scores 1,024 episodes
+against Adam/SGD learning-rate grids and L-BFGS fits."""
+
+from __future__ import annotations
+
+import os
+
+import ray
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from iai_dist.config import ExperimentConfig, validate
+from iai_dist.evaluate import evaluate_trained
+
+
+def _evaluate(cfg_data: dict, state: dict, one_step_state: dict | None) -> dict:
+    summary = evaluate_trained(validate(cfg_data, "evaluation config"), state, one_step_state)
+    ctx = ray.get_runtime_context()
+    summary["evaluated_by"] = {"pid": os.getpid(), "node": ctx.get_node_id(), "gpus": ctx.get_accelerator_ids().get("GPU", [])}
+    return summary
+
+
+def evaluate_on_cluster(cfg: ExperimentConfig, state: dict, one_step_state: dict | None) -> dict:
+    """The summary, computed by a task that asks for what one learner gets (a GPU with distributed.use_gpu).
+    It is scheduled outside any placement group it would be captured by (a sweep trial's holds only the trial
+    process and its episode workers), so that it can get the GPU."""
+    d = cfg.distributed
+    task = ray.remote(_evaluate).options(
+        num_cpus=d.learner_cpus, num_gpus=1 if d.use_gpu else 0, max_retries=2,
+        scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
+    )
+    summary = ray.get(task.remote(cfg.model_dump(mode="json"), state, one_step_state))
+    summary["evaluated_by"]["driver_pid"] = os.getpid()
+    return summary

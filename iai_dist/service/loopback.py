@@ -1,0 +1,171 @@
+"""A multi-node Ray cluster on one machine, started the way users start one (`ray start --head`, then
+`ray start --address` per node), for the chaos benchmark and the multi-node tests.
+
+Each node gets its own loopback address (127.0.0.1, 127.0.0.2, ...), so to the service they are separate
+machines, and its own free ports. Token authentication is on unless asked otherwise: the head and every node
+read the same token. Everything started here is stopped by its process group, never by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+RAY = str(Path(sys.executable).parent / "ray")
+PORT_FLAGS = ("node-manager-port", "object-manager-port", "metrics-export-port", "dashboard-agent-grpc-port",
+              "dashboard-agent-listen-port", "runtime-env-agent-port")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class LoopbackCluster:
+    """`start()` it, submit jobs to `dashboard` with `env`, `kill_node(i)` / `start_node(i)`, then `stop()`."""
+
+    directory: Path
+    nodes: int = 2
+    cpus_per_node: int = 2
+    token: bool = True
+    # all nodes in the head's temp dir, as `ray start` does on one machine by default (what a user gets without
+    # --temp-dir per node); separate dirs are what separate machines have
+    shared_temp: bool = False
+    env: dict = field(default_factory=dict)
+    dashboard: str = ""
+    gcs: str = ""
+    processes: dict[int, subprocess.Popen] = field(default_factory=dict)
+
+    def start(self, timeout: float = 120) -> "LoopbackCluster":
+        self.directory.mkdir(parents=True, exist_ok=True)
+        self.env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+        if self.token:
+            token_file = self.directory / "auth_token"
+            token_file.write_text(secrets.token_hex(32))
+            self.env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN_PATH=str(token_file))
+        else:
+            self.env["RAY_AUTH_MODE"] = "disabled"
+        self.env.pop("RAY_ADDRESS", None)
+        gcs_port, dashboard_port = free_port(), free_port()
+        self.gcs, self.dashboard = f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}"
+        # short temp dirs: Ray's socket paths must stay < 108 bytes
+        self._temp = [tempfile.mkdtemp(prefix="iai-ray-", dir="/tmp") for _ in range(self.nodes)]
+        if self.shared_temp:
+            self._temp = [self._temp[0]] * self.nodes
+        self._launch(0, ["--head", f"--port={gcs_port}", f"--dashboard-port={dashboard_port}",
+                         "--dashboard-host=127.0.0.1", f"--ray-client-server-port={free_port()}"])
+        self.wait_for_dashboard(timeout)
+        for i in range(1, self.nodes):
+            self.start_node(i)
+        self.wait_for_nodes(self.nodes, timeout)
+        return self
+
+    def _launch(self, i: int, extra: list[str]) -> None:
+        log = (self.directory / f"node{i}.log").open("a")
+        self.processes[i] = subprocess.Popen(
+            [RAY, "start", "--block", f"--num-cpus={self.cpus_per_node}", f"--node-ip-address=127.0.0.{i + 1}",
+             f"--temp-dir={self._temp[i]}", "--disable-usage-stats", *[f"--{f}={free_port()}" for f in PORT_FLAGS],
+             *extra], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def start_node(self, i: int) -> None:
+        self._launch(i, [f"--address={self.gcs}"])
+
+    def kill_node(self, i: int) -> None:
+        """A machine lost at once: every process of the node killed (SIGKILL to its process group)."""
+        proc = self.processes.pop(i)
+        _signal_group(proc, signal.SIGKILL)
+        proc.wait(30)
+
+    def wait_for_dashboard(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.processes[0].poll() is not None:
+                raise RuntimeError(f"ray start --head exited: {(self.directory / 'node0.log').read_text()[-2000:]}")
+            try:
+                return self.get("/api/version")
+            except OSError:
+                time.sleep(1)
+        raise RuntimeError(f"the Ray dashboard at {self.dashboard} did not answer in {timeout:.0f}s")
+
+    def get(self, path: str, with_token: bool = True) -> str:
+        """An HTTP GET of the dashboard, with the token (as `ray job submit` sends it) unless asked not to."""
+        headers = {}
+        if self.token and with_token:
+            headers["Authorization"] = f"Bearer {self.token_value()}"
+        with urllib.request.urlopen(urllib.request.Request(self.dashboard + path, headers=headers), timeout=10) as r:
+            return r.read().decode()
+
+    def wait_for_nodes(self, count: int, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.alive_nodes() >= count:
+                return
+            time.sleep(1)
+        raise RuntimeError(f"{count} nodes did not join in {timeout:.0f}s")
+
+    def alive_nodes(self) -> int:
+        out = subprocess.run([RAY, "list", "nodes", f"--address={self.gcs}", "--filter", "state=ALIVE", "--format=json"],
+                             env=self.env, capture_output=True, text=True)
+        return out.stdout.count('"node_id"') if out.returncode == 0 else 0
+
+    def stop(self) -> None:
+        for i in sorted(self.processes, reverse=True):
+            proc = self.processes.pop(i)
+            for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
+                _signal_group(proc, sig)
+                try:
+                    proc.wait(wait)
+                    break
+                except subprocess.TimeoutExpired:
+                    continue
+
+    def submit(self, entrypoint: list[str], *, working_dir: Path | None = None, runtime_env: dict | None = None,
+               timeout: float = 600, with_token: bool = True, wait: bool = True) -> subprocess.CompletedProcess:
+        """`ray job submit` as a user types it; waits for the job (unless `wait` is false) and returns what it
+        printed (the job id is on the line 'Job 'raysubmit_...' submitted successfully')."""
+        env = dict(self.env)
+        if not with_token:
+            env.pop("RAY_AUTH_TOKEN_PATH", None)
+            env["HOME"] = str(self.directory)  # no ~/.ray/auth_token either
+        cmd = [RAY, "job", "submit", f"--address={self.dashboard}", *([] if wait else ["--no-wait"])]
+        if working_dir is not None:
+            cmd.append(f"--working-dir={working_dir}")
+        if runtime_env:
+            cmd.append(f"--runtime-env-json={json.dumps(runtime_env)}")
+        return subprocess.run([*cmd, "--", *entrypoint], env=env, capture_output=True, text=True, timeout=timeout,
+                              cwd=working_dir)
+
+    def jobs(self):
+        """The job API's Python client, with the token."""
+        from ray.job_submission import JobSubmissionClient
+
+        headers = {"Authorization": f"Bearer {self.token_value()}"} if self.token else None
+        return JobSubmissionClient(self.dashboard, headers=headers)
+
+    def token_value(self) -> str:
+        return (self.directory / "auth_token").read_text().strip()
+
+    def actors(self) -> list[dict]:
+        """The alive actors with their class, name, pid and node (Ray's state API, as `ray list actors`)."""
+        out = subprocess.run([RAY, "list", "actors", f"--address={self.gcs}", "--detail", "--format=json",
+                              "--filter", "state=ALIVE", "--limit=10000"], env=self.env, capture_output=True, text=True)
+        return json.loads(out.stdout) if out.returncode == 0 else []
+
+
+def _signal_group(proc: subprocess.Popen, sig: int) -> None:
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,170 @@
+"""The service on a two-node cluster, run as users run it: `ray start --head` + `ray start --address` on
+loopback (two addresses, so two "machines"), token authentication on, an MLflow tracking server, and
+`ray job submit --working-dir .`. Faults are injected by PID."""
+
+import json
+import os
+import random
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+from ray.job_submission import JobStatus
+
+from iai_dist.service.loopback import LoopbackCluster, free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = 128  # tasks per learner step (the default preset's)
+STEPS = 60  # long enough (tens of seconds) for the faults to land during training
+# 2 learners + 2 episode workers at 1 CPU each fill both 2-CPU nodes: the job has to span them
+JOB = ["--preset", "default", "--set", "distributed.num_workers=2", "--set", "distributed.episode_workers=2",
+       "--set", f"train.max_steps={STEPS}", "--set", "train.log_every=2", "--set", "train.checkpoint_every=10",
+       "--set", "eval.one_step=false", "--set", "eval.monitor_episodes=32", "--set", "eval.episodes=128",
+       "--set", "eval.lr_grid=[0.01, 0.1, 1.0]", "--set", "eval.lr_select_episodes=32"]
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    # shared_temp: both raylets of this machine use the head's temp dir, as `ray start` does by default; the
+    # second one's runtime-env agent then re-creates the job's unpacked working dir while the driver runs in it
+    c = LoopbackCluster(tmp_path_factory.mktemp("cluster"), nodes=2, cpus_per_node=2, token=True, shared_temp=True)
+    c.start()
+    yield c
+    c.stop()
+
+
+@pytest.fixture(scope="module")
+def tracking_server(tmp_path_factory):
+    """An MLflow tracking server on loopback: what the learners on other machines log to."""
+    root = tmp_path_factory.mktemp("mlflow")
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{root}/m.db",
+                             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1",
+                             "--port", str(port), "--workers", "1"],
+                            stdout=(root / "log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        try:
+            MlflowClient(uri).search_experiments()
+            break
+        except Exception:
+            time.sleep(1)
+    yield uri
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(30)
+
+
+def train_job(cluster, runs: Path, uri: str | None, *extra: str, wait: bool = True):
+    env = {"env_vars": {"MLFLOW_TRACKING_URI": uri}} if uri else None
+    entry = ["python", "-m", "iai_dist.train", *JOB, "--set", f"tracking.runs_dir={runs}", *extra]
+    return cluster.submit(entry, working_dir=ROOT, runtime_env=env, wait=wait)
+
+
+def last_line(proc: subprocess.CompletedProcess) -> str:
+    lines = [line for line in proc.stdout.splitlines() if line.strip() and not line.startswith(("-", "Job ", "20"))]
+    return lines[-1] if lines else ""
+
+
+def test_a_submission_without_the_token_is_refused(cluster):
+    proc = cluster.submit(["python", "-c", "print(1)"], with_token=False)
+    assert proc.returncode != 0 and "authentication token" in (proc.stdout + proc.stderr)
+    with pytest.raises(Exception, match="401"):
+        cluster.get("/api/jobs/", with_token=False)
+    assert json.loads(cluster.get("/api/version"))  # with it, the job API answers
+
+
+def test_paths_other_machines_cannot_reach_are_refused_before_any_work(cluster, tmp_path):
+    relative = train_job(cluster, Path("runs"), None, "--set", "tracking.enabled=false")
+    assert relative.returncode != 0 and "Traceback" not in relative.stdout
+    assert re.search(r"error: tracking.runs_dir: 'runs' is relative and this cluster spans machines", relative.stdout)
+    sqlite = train_job(cluster, tmp_path / "runs", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert sqlite.returncode != 0 and "Traceback" not in sqlite.stdout
+    assert "is a file on this machine and this cluster spans machines" in sqlite.stdout
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+
+
+@pytest.fixture(scope="module")
+def undisturbed(cluster, tracking_server, tmp_path_factory):
+    runs = tmp_path_factory.mktemp("runs")
+    proc = train_job(cluster, runs, tracking_server, "--set", "tracking.run_name=calm")
+    return proc, runs / "calm"
+
+
+def test_the_main_job_submitted_with_its_working_dir_trains_across_both_nodes(undisturbed, tracking_server):
+    proc, run_dir = undisturbed
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "succeeded" in proc.stdout and "| refiner |" in proc.stdout
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["train"]["steps"] == STEPS and summary["train"]["nodes"] == 2
+    assert summary["train"]["episodes"] == STEPS * TASKS
+    # evaluated as Ray work, in a process of its own, not by the driver
+    assert summary["evaluated_by"]["pid"] != summary["evaluated_by"]["driver_pid"]
+    client = MlflowClient(tracking_server)
+    mrun = client.get_run((run_dir / "mlflow_run_id").read_text())
+    assert mrun.info.status == "FINISHED" and "train/heldout_error/step_3" in mrun.data.metrics
+
+
+def test_a_job_survives_a_killed_episode_worker_weight_board_and_learner(cluster, undisturbed, tracking_server,
+                                                                        tmp_path):
+    """Kills by PID at seeded random learner steps; the job completes, every step learned its own episodes
+    once (the cursor), and the model equals the undisturbed run's: redone steps see the same transitions."""
+    rng = random.Random(7)
+    plan = dict(zip(sorted(rng.sample(range(4, STEPS // 2), 3)), rng.sample(["worker", "board", "learner"], 3)))
+    submitted = train_job(cluster, tmp_path, tracking_server, "--set", "tracking.run_name=chaos", wait=False)
+    job = re.search(r"raysubmit_\w+", submitted.stdout).group(0)
+    client, done, actors = cluster.jobs(), [], []
+    deadline = time.monotonic() + 600
+    while client.get_job_status(job).is_terminal() is False and time.monotonic() < deadline:
+        steps = [int(m) for m in re.findall(r"\[refiner\] step +(\d+)/", client.get_job_logs(job))]
+        if steps and not actors:
+            actors = cluster.actors()  # listed once training runs; again after a kill (restarts move PIDs)
+        for step in [s for s in plan if s not in done and steps and max(steps) >= s]:
+            killed = _kill(cluster, plan[step], actors)
+            actors = []
+            done.append(step)
+            print(f"step {max(steps)}: killed the {plan[step]} (pid {killed})")
+        time.sleep(0.3)
+    logs = client.get_job_logs(job)
+    assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-3000:]
+    assert sorted(done) == sorted(plan)
+    summary = json.loads((tmp_path / "chaos" / "summary.json").read_text())
+    assert summary["train"]["episodes"] == STEPS * TASKS  # the cursor: learner steps x tasks per step
+    calm = json.loads((undisturbed[1] / "summary.json").read_text())
+    assert summary["per_step"]["refiner"] == pytest.approx(calm["per_step"]["refiner"], rel=1e-3)
+
+
+def _kill(cluster, what: str, actors: list[dict]) -> int:
+    """SIGKILL to the process of an episode worker, the weight board or a learner (Ray Train's worker)."""
+    match = {"worker": lambda a: "episode-worker" in (a.get("name") or ""),
+             "board": lambda a: (a.get("name") or "").endswith("weight-board"),
+             "learner": lambda a: a.get("class_name") == "RayTrainWorker"}[what]
+    for listing in (actors, None):
+        for actor in [a for a in (listing or cluster.actors()) if match(a) and a.get("pid")]:
+            try:
+                os.kill(actor["pid"], signal.SIGKILL)
+                return actor["pid"]
+            except ProcessLookupError:  # restarted since it was listed
+                continue
+    raise AssertionError(f"no {what} to kill")
+
+
+def test_a_sweep_submitted_with_its_working_dir(cluster, tracking_server, tmp_path):
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"preset": "tiny", "set": {
+        "eval.one_step": False, "train.max_steps": 10, "train.log_every": 5, "distributed.num_workers": 1,
+        "distributed.episode_workers": 1, "distributed.learner_cpus": 0.5, "distributed.episode_worker_cpus": 0.5},
+        "params": {"task.steps": {"grid": [2, 3]}}, "early_stopping": None}))
+    proc = cluster.submit(["python", "-m", "iai_dist.tune", "--space", str(space), "--name", "steps",
+                           "--set", f"tracking.runs_dir={tmp_path}"], working_dir=ROOT,
+                          runtime_env={"env_vars": {"MLFLOW_TRACKING_URI": tracking_server}})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 trial(s), 2 at a time" in proc.stdout
+    rows = (tmp_path / "steps" / "summary.csv").read_text().splitlines()
+    assert len(rows) == 3 and all(",finished," in row for row in rows[1:])
