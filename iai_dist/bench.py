@@ -8,7 +8,9 @@
     python -m iai_dist.bench sampler    [--presets digits,...]         : image episodes/s alone vs the learner's rate
     python -m iai_dist.bench throughput [--preset P] [--minutes M]     : Ray service: in process vs 1+1 vs 2+2 workers
     python -m iai_dist.bench memory     [--at 5,30]                    : Ray service: RSS of driver and workers over a run
-The first five need torch only (they run on the GPU machine without Ray); the last two run the Ray service.
+    python -m iai_dist.bench chaos      [--kills 6] [--minutes 3]      : Ray service: faults injected by PID on a loopback
+                                        two-node cluster vs the same job undisturbed
+The first five need torch only (they run on the GPU machine without Ray); the others run the Ray service.
 Image benchmarks live in bench_images.py, the service's in service/bench.py; this module parses for all.
 """
 
@@ -307,17 +309,24 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--preset", default="linreg-paper")
     r.add_argument("--steps", type=int, default=80, help="learner steps per mode for the rates")
     r.add_argument("--minutes", type=float, default=3.0, help="equal wall-clock budget of (a) and (c); 0 skips")
-    r.add_argument("--episodes", type=int, default=1024, help="held-out episodes scoring (a) and (c)")
+    r.add_argument("--episodes", type=int, default=1024, help="held-out episodes scoring every mode")
+    r.add_argument("--modes", default="abc", help="which of (a) in process, (b) 1 + 1, (c) 2 + 2 to run; (a) always")
     m = sub.add_parser("memory")
     m.add_argument("--preset", default="default")
     m.add_argument("--at", default="5,30", help="minutes at which to report")
     m.add_argument("--every", type=float, default=10.0, help="seconds between samples")
+    ch = sub.add_parser("chaos")
+    ch.add_argument("--preset", default="default")
+    ch.add_argument("--kills", type=int, default=6, help="faults injected during the disturbed run")
+    ch.add_argument("--minutes", type=float, default=3.0, help="training time of the undisturbed run")
+    ch.add_argument("--node-down", type=float, default=10.0, help="seconds a killed node stays down")
+    ch.add_argument("--seed", type=int, default=0, help="which faults, and at which learner steps")
     sw = sub.add_parser("sweep")
     sw.add_argument("--space", type=Path, default=Path("tune_spaces/steps.yaml"), help="a grid-only space file")
     sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     sw.add_argument("--max-concurrent", type=int, default=1, help="trials at once in the sweep (1: the same "
                     "hardware use as the one-after-another runs, so the difference is the sweep's overhead)")
-    for p in (q, t, s, tr, sa, r, m, sw):
+    for p in (q, t, s, tr, sa, r, m, sw, ch):
         p.add_argument("--out", default="bench_results")
     one = sub.add_parser("_scaling_one")
     one.add_argument("mode")
@@ -332,7 +341,7 @@ def main(argv: list[str] | None = None) -> None:
         args.one_step_minutes = args.minutes
     if args.bench == "transfer" and args.one_step_minutes is None:
         args.one_step_minutes = args.minutes / 2
-    if args.bench in ("throughput", "memory", "sweep"):
+    if args.bench in ("throughput", "memory", "sweep", "chaos"):
         from iai_dist.service import bench as service_bench  # Ray only where the benchmark needs it
 
         getattr(service_bench, args.bench)(args)

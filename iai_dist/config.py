@@ -164,6 +164,9 @@ class TrackingConfig(_Section):
     experiment: str = "iai_dist"
     run_name: str | None = None
     runs_dir: str = "runs"  # relative paths are taken from the current directory
+    # Where Ray Train keeps the service's checkpoints: None = runs_dir (on a cluster: storage every node
+    # mounts), or a URI of a filesystem Ray Train reaches through pyarrow (s3://bucket/prefix, gs://...).
+    storage: str | None = None
 
 
 class DistributedConfig(_Section):

@@ -287,6 +287,8 @@ def train_loop(
     start_step = learner.step
     if progress and learner.rank == 0:
         sys.stdout.write(precision_line(learner.cfg.train.autocast, learner.device) + "\n")
+        if start_step:
+            sys.stdout.write(f"[{label}] resumed at learner step {start_step} (episode {stream.start})\n")
     begin = last = time.perf_counter()
     last_step = learner.step
     window = [0.0, 0.0, 0.0, 0.0]  # transitions, waited seconds, lag sum, lag max (this rank, this window)

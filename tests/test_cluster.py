@@ -17,7 +17,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from ray.job_submission import JobStatus
 
-from iai_dist.service.loopback import LoopbackCluster, free_port
+from iai_dist.service.loopback import LoopbackCluster, free_port, kill_actor
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = 128  # tasks per learner step (the default preset's)
@@ -116,7 +116,7 @@ def test_a_job_survives_a_killed_episode_worker_weight_board_and_learner(cluster
     """Kills by PID at seeded random learner steps; the job completes, every step learned its own episodes
     once (the cursor), and the model equals the undisturbed run's: redone steps see the same transitions."""
     rng = random.Random(7)
-    plan = dict(zip(sorted(rng.sample(range(4, STEPS // 2), 3)), rng.sample(["worker", "board", "learner"], 3)))
+    plan = dict(zip(sorted(rng.sample(range(4, STEPS // 2), 3)), rng.sample(["episode worker", "weight board", "learner"], 3)))
     submitted = train_job(cluster, tmp_path, tracking_server, "--set", "tracking.run_name=chaos", wait=False)
     job = re.search(r"raysubmit_\w+", submitted.stdout).group(0)
     client, done, actors = cluster.jobs(), [], []
@@ -126,7 +126,7 @@ def test_a_job_survives_a_killed_episode_worker_weight_board_and_learner(cluster
         if steps and not actors:
             actors = cluster.actors()  # listed once training runs; again after a kill (restarts move PIDs)
         for step in [s for s in plan if s not in done and steps and max(steps) >= s]:
-            killed = _kill(cluster, plan[step], actors)
+            killed = kill_actor(cluster, plan[step], actors)
             actors = []
             done.append(step)
             print(f"step {max(steps)}: killed the {plan[step]} (pid {killed})")
@@ -138,21 +138,6 @@ def test_a_job_survives_a_killed_episode_worker_weight_board_and_learner(cluster
     assert summary["train"]["episodes"] == STEPS * TASKS  # the cursor: learner steps x tasks per step
     calm = json.loads((undisturbed[1] / "summary.json").read_text())
     assert summary["per_step"]["refiner"] == pytest.approx(calm["per_step"]["refiner"], rel=1e-3)
-
-
-def _kill(cluster, what: str, actors: list[dict]) -> int:
-    """SIGKILL to the process of an episode worker, the weight board or a learner (Ray Train's worker)."""
-    match = {"worker": lambda a: "episode-worker" in (a.get("name") or ""),
-             "board": lambda a: (a.get("name") or "").endswith("weight-board"),
-             "learner": lambda a: a.get("class_name") == "RayTrainWorker"}[what]
-    for listing in (actors, None):
-        for actor in [a for a in (listing or cluster.actors()) if match(a) and a.get("pid")]:
-            try:
-                os.kill(actor["pid"], signal.SIGKILL)
-                return actor["pid"]
-            except ProcessLookupError:  # restarted since it was listed
-                continue
-    raise AssertionError(f"no {what} to kill")
 
 
 def test_a_sweep_submitted_with_its_working_dir(cluster, tracking_server, tmp_path):

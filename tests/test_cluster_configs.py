@@ -25,6 +25,11 @@ def test_launcher_config_validates_against_the_ray_schema(name, provider):
     validate_config(prepare_config(copy.deepcopy(config)))  # what `ray up` runs before launching anything
     assert config["provider"]["type"] == provider
     assert config["docker"]["image"].endswith("iai-dist:latest")  # the image of cluster/Dockerfile
+    # token authentication on every node, the dashboard (the job API) on the head's loopback only
+    starts = [c for c in config["head_start_ray_commands"] + config["worker_start_ray_commands"] if "ray start" in c]
+    assert len(starts) == 2 and all("RAY_AUTH_MODE=token" in c and "RAY_AUTH_TOKEN_PATH=" in c for c in starts)
+    assert "--dashboard-host=127.0.0.1" in starts[0] and "0.0.0.0" not in json.dumps(config)
+    assert config["file_mounts"] == {"~/ray_auth_token": "~/.ray/auth_token"}
     if provider != "local":
         worker = config["available_node_types"]["gpu_worker"]["node_config"]
         assert "g5" in worker.get("InstanceType", "") or worker.get("guestAccelerators")
@@ -35,12 +40,14 @@ def test_container_recipe_installs_the_project_on_the_pinned_ray():
     pin = next(line for line in (ROOT / "pyproject.toml").read_text().splitlines() if "ray[" in line)
     assert "FROM rayproject/ray:2.60.0-" in recipe and "2.60.0" in pin
     assert "pip install --no-cache-dir ." in recipe
+    assert "driver >= 580" in recipe.replace("\n# ", " ") and "RAY_AUTH_MODE=disabled" not in recipe
 
 
 def test_deploy_yaml_is_a_rayjob_with_head_gpu_workers_mlflow_and_shared_storage():
     docs = list(yaml.safe_load_all((ROOT / "deploy.yaml").read_text()))
     job = next(d for d in docs if d["kind"] == "RayJob")
     assert job["apiVersion"] == "ray.io/v1"
+    assert job["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}  # KubeRay >= 1.5.1 hands out the token
     argv = shlex.split(job["spec"]["entrypoint"])
     assert argv[:3] == ["python", "-m", "iai_dist.train"]
     args = parse_args(argv[3:])
@@ -56,6 +63,7 @@ def test_deploy_yaml_is_a_rayjob_with_head_gpu_workers_mlflow_and_shared_storage
     for pod in pods:
         container = pod["containers"][0]
         assert any(e["name"] == "MLFLOW_TRACKING_URI" for e in container["env"])
+        assert not any(e["name"] == "RAY_AUTH_MODE" for e in container["env"])  # KubeRay would not override it
         mounts = {m["mountPath"] for m in container["volumeMounts"]}
         assert cfg.tracking.runs_dir.startswith(tuple(mounts)), "checkpoints must go to the shared volume"
         claims = [v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v]

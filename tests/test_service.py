@@ -76,7 +76,10 @@ def test_ray_training_is_exact_across_a_learner_failure_and_resumes_with_more_wo
                                    "train.max_steps": 24, "train.log_every": 4, "train.checkpoint_every": 8})
     plain = fit(cfg, tmp_path / "plain", on_step=Hook(tmp_path / "plain.txt"))
     failing = Hook(tmp_path / "failing.txt", fail_at=13)
-    result = fit(cfg, tmp_path / "failing", on_step=failing)
+    # Ray Train's checkpoints on "remote" storage (a pyarrow filesystem URI), restored from there after the failure
+    store = tmp_path / "store"
+    result = fit(cfg.with_overrides({"tracking.storage": store.as_uri()}), tmp_path / "failing", on_step=failing)
+    assert list((store / "failing").glob("checkpoint_*")) and not list((tmp_path / "failing").glob("checkpoint_*"))
 
     steps = [int(line.split()[1]) for line in failing.ledger.read_text().split("\n") if line]
     assert steps == list(range(1, 14)) + list(range(9, 25))  # failed at 13, redid steps 9.. from the step-8 checkpoint
@@ -86,7 +89,7 @@ def test_ray_training_is_exact_across_a_learner_failure_and_resumes_with_more_wo
         assert torch.equal(tensor, b["model"][name]), name  # the same weights as the undisturbed run
 
     with pytest.raises(CheckpointError, match="train.lr"):
-        fit(cfg.with_overrides({"train.lr": 0.1}), tmp_path / "failing")
+        fit(cfg.with_overrides({"train.lr": 0.1}), tmp_path / "plain")
 
     # resumed with a longer schedule and twice the episode workers: every episode index once, both workers used
     longer = cfg.with_overrides({"train.max_steps": 36, "distributed.episode_workers": 2})
@@ -96,10 +99,10 @@ def test_ray_training_is_exact_across_a_learner_failure_and_resumes_with_more_wo
     check_ledger(read_ledger(hook.ledger), range(1, 37), ranks=1, tasks=32, staleness=1)
     assert all(w["batches_this_incarnation"] >= 6 for w in more.workers)
 
-    newest = max(p for p in (tmp_path / "failing").glob("checkpoint_*") if p.is_dir()) / "checkpoint.pt"
+    newest = max(p for p in (tmp_path / "plain").glob("checkpoint_*") if p.is_dir()) / "checkpoint.pt"
     newest.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot be read"):
-        fit(cfg, tmp_path / "failing")
+        fit(longer, tmp_path / "plain")
 
 
 def test_synchronous_ray_training_follows_the_in_process_trajectory(ray_local, tiny_cfg, tmp_path):

@@ -1,10 +1,12 @@
-"""Service benchmarks (python -m iai_dist.bench throughput | memory), side by side in one run.
+"""Service benchmarks (python -m iai_dist.bench throughput | memory | sweep | chaos), side by side in one run.
 
 throughput: the same model trained (a) in process, (b) 1 learner + 1 episode worker, (c) 2 + 2 on Ray:
 transitions/s and learner idle % in the steady state, then each trained for the same wall-clock budget and
 scored on the same held-out episodes (what staleness and the service's overheads cost).
 memory: one long `python -m iai_dist.train` run, the resident memory of the driver and of each worker.
 sweep: a grid space's trials as one Tune sweep vs the same trainings run one after another.
+chaos: one job on a loopback two-node cluster, undisturbed and then with random kills of episode workers, the
+weight board, learners and a whole node: faults survived, steps redone, time lost, final error vs undisturbed.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import csv
 import itertools
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -79,6 +82,7 @@ def throughput(args) -> None:
     modes = {"(a) in process": {}, "(b) 1 learner + 1 episode worker": {"distributed.num_workers": 1,
              "distributed.episode_workers": 1, **share},
              "(c) 2 learners + 2 episode workers": {"distributed.num_workers": 2, "distributed.episode_workers": 2, **share}}
+    modes = {name: sets for name, sets in modes.items() if name[1] in args.modes or name.startswith("(a)")}
     out = Path(args.out).resolve()
     runs = out / f"throughput-runs-{time.strftime('%Y%m%d-%H%M%S')}"
     needed = max(cpus_needed(base.with_overrides(m)) for m in modes.values() if m)
@@ -256,3 +260,101 @@ def _typed(text: str):
         return json.loads(text)
     except json.JSONDecodeError:
         return text
+
+
+def chaos(args) -> None:
+    """Faults during training on a loopback two-node cluster (token auth on), as users submit jobs: the same
+    job once undisturbed, then with --kills random kills by PID (episode workers, the weight board, learners,
+    and a whole node, which is started again after --node-down seconds) at seeded random learner steps."""
+    import random
+
+    from ray.job_submission import JobStatus
+
+    from iai_dist.bench import write
+    from iai_dist.service.loopback import KILLABLE, LoopbackCluster, kill_actor
+
+    out = Path(args.out).resolve()
+    root = out / f"chaos-{time.strftime('%Y%m%d-%H%M%S')}"
+    cluster = LoopbackCluster(root / "cluster", nodes=2, cpus_per_node=2, token=True).start()
+    kinds = [*KILLABLE, "node"]
+    base_tasks = load_config(args.preset).train.tasks_per_batch
+    try:
+        def job(name: str, steps: int, extra: list[str]) -> str:
+            entry = ["python", "-m", "iai_dist.train", "--preset", args.preset, "--set", f"tracking.runs_dir={root}",
+                     "--set", f"tracking.run_name={name}", "--set", "tracking.enabled=false", "--set",
+                     f"train.max_steps={steps}", "--set", f"train.log_every={max(1, steps // 50)}",
+                     "--set", f"train.checkpoint_every={max(1, steps // 10)}", "--set", "eval.one_step=false",
+                     "--set", "distributed.num_workers=2", "--set", "distributed.episode_workers=2",
+                     "--set", "distributed.max_failures=-1", "--set", "distributed.worker_restarts=-1", *extra]
+            proc = cluster.submit(entry, working_dir=Path(__file__).resolve().parents[2], wait=False)
+            return re.search(r"raysubmit_\w+", proc.stdout).group(0)
+
+        def follow(job_id: str, plan: dict[int, str]) -> dict:
+            client, done, actors, t0 = cluster.jobs(), [], [], time.monotonic()
+            while not client.get_job_status(job_id).is_terminal():
+                logs = client.get_job_logs(job_id)
+                steps = [int(m) for m in re.findall(r"\[refiner\] step +(\d+)/", logs)]
+                if steps and not actors:
+                    actors = cluster.actors()
+                for step in [s for s in sorted(plan) if s not in done and steps and max(steps) >= s]:
+                    what = plan[step]
+                    if what == "node":
+                        cluster.kill_node(1)
+                        time.sleep(args.node_down)
+                        cluster.start_node(1)
+                    else:
+                        kill_actor(cluster, what, actors)
+                    actors = []
+                    done.append(step)
+                    print(f"   learner step {max(steps)}: killed {'node 1' if what == 'node' else 'the ' + what}",
+                          flush=True)
+                time.sleep(0.3)
+            logs = client.get_job_logs(job_id)
+            redone = _steps_redone(logs)
+            return {"ok": client.get_job_status(job_id) == JobStatus.SUCCEEDED, "seconds": time.monotonic() - t0,
+                    "faults": [plan[s] for s in done], "redone": redone, "log_tail": logs[-2000:]}
+
+        print("== probe: learner steps/s of this job on the cluster", flush=True)
+        probe = follow(job("probe", 20, []), {})
+        rate = 20 / max(probe["seconds"] - 40, 5)  # less the start-up of a job (about 40 s here)
+        steps = max(40, int(rate * args.minutes * 60))
+        print(f"== undisturbed: {steps} learner steps", flush=True)
+        calm = follow(job("calm", steps, []), {})
+        rng = random.Random(args.seed)
+        plan = dict(zip(sorted(rng.sample(range(steps // 20 + 1, int(steps * 0.9)), args.kills)),
+                        [rng.choice(kinds) for _ in range(args.kills)]))
+        print(f"== with {args.kills} faults at learner steps {sorted(plan)}: {[plan[s] for s in sorted(plan)]}", flush=True)
+        chaotic = follow(job("chaos", steps, []), plan)
+    finally:
+        cluster.stop()
+    rows = {}
+    for name, run in (("undisturbed", calm), ("with faults", chaotic)):
+        summary_file = root / ("calm" if run is calm else "chaos") / "summary.json"
+        summary = json.loads(summary_file.read_text()) if summary_file.exists() else None
+        k = summary["K"] if summary else None
+        rows[name] = {**{key: run[key] for key in ("ok", "seconds", "faults", "redone")},
+                      "error_at_K": summary["per_step"]["refiner"][k] if summary else None,
+                      "episodes": summary["train"]["episodes"] if summary else None}
+    ok = rows["with faults"]
+    counts = {kind: ok["faults"].count(kind) for kind in kinds}
+    lines = ["| run | finished | wall seconds | faults injected | learner steps redone | error after step K | "
+             "episodes learned (steps x tasks) |", "|---|---|---|---|---|---|---|"]
+    for name, r in rows.items():
+        faults = ", ".join(f"{n} {k}" for k, n in counts.items() if n) if name == "with faults" else "-"
+        error = "-" if r["error_at_K"] is None else f"{r['error_at_K']:.4g}"
+        lines.append(f"| {name} | {'yes' if r['ok'] else 'NO'} | {r['seconds']:.0f} | {faults} | {r['redone']} | "
+                     f"{error} | {r['episodes']} (of {steps} x {base_tasks}) |")
+    write(out, "chaos", {"preset": args.preset, "steps": steps, "plan": plan, "runs": rows, "seed": args.seed},
+          "\n".join(lines))
+
+
+def _steps_redone(logs: str) -> int:
+    """Learner steps taken twice: at each restart, the last step logged before it minus the step resumed at."""
+    redone, last = 0, 0
+    for kind, step in re.findall(r"\[refiner\] (step|resumed at learner step) +(\d+)", logs):
+        if kind == "step":
+            last = int(step)
+        else:
+            redone += max(0, last - int(step))
+            last = int(step)
+    return redone

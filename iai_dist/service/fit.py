@@ -1,7 +1,8 @@
 """The driver side of one training on Ray: weight board, episode workers and a TorchTrainer, in one call.
 
-Checkpoints live where Ray Train keeps them: RunConfig(name=run_dir.name, storage_path=run_dir.parent),
-so Ray's own directory for the run *is* run_dir. A learner failure restarts from the newest of them
+Checkpoints live where Ray Train keeps them: RunConfig(name=run_dir.name, storage_path=run_dir.parent), so
+Ray's own directory for the run *is* run_dir, or under tracking.storage (a URI: s3://, gs://, ...), in which
+case the last one is downloaded to run_dir/checkpoint.pt. A learner failure restarts from the newest of them
 (FailureConfig); calling `fit` again for the same run_dir (a re-submitted job) resumes from the newest
 checkpoint in run_dir (Ray's, or an in-process one), after the driver has checked that it may be resumed.
 """
@@ -116,7 +117,7 @@ def fit(
                                      resources_per_worker={"CPU": d.learner_cpus, **({"GPU": 1} if d.use_gpu else {})}),
         run_config=RunConfig(
             name=run_dir.name,
-            storage_path=str(run_dir.parent),
+            storage_path=cfg.tracking.storage or str(run_dir.parent),
             failure_config=FailureConfig(max_failures=d.max_failures, controller_failure_limit=0),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             logging_config=LoggingConfig(log_level="WARNING"),  # not a line per ray.train.report
@@ -138,6 +139,10 @@ def fit(
         for actor in (*workers, board):
             ray.kill(actor, no_restart=True)
     final = run_dir / "checkpoint.pt"
+    if cfg.tracking.storage and result.checkpoint is not None:  # remote storage: the last one, downloaded
+        with result.checkpoint.as_directory() as directory:
+            shutil.copyfile(Path(directory) / "checkpoint.pt", final.with_suffix(".tmp"))
+        os.replace(final.with_suffix(".tmp"), final)
     source = checkpoint.newest(run_dir)  # Ray's last, or the one this fit started from when nothing was left to do
     if source != final:
         shutil.copyfile(source, final.with_suffix(".tmp"))

@@ -164,6 +164,25 @@ class LoopbackCluster:
         return json.loads(out.stdout) if out.returncode == 0 else []
 
 
+KILLABLE = {
+    "episode worker": lambda a: "episode-worker" in (a.get("name") or ""),
+    "weight board": lambda a: (a.get("name") or "").endswith("weight-board"),
+    "learner": lambda a: a.get("class_name") == "RayTrainWorker",  # Ray Train's worker process
+}
+
+
+def kill_actor(cluster: LoopbackCluster, what: str, actors: list[dict] | None = None) -> int:
+    """SIGKILL to the process of one actor of a kind in KILLABLE (from `actors`, else listed now); its pid."""
+    for listing in (actors, None):
+        for actor in [a for a in (listing or cluster.actors()) if KILLABLE[what](a) and a.get("pid")]:
+            try:
+                os.kill(actor["pid"], signal.SIGKILL)
+                return actor["pid"]
+            except ProcessLookupError:  # restarted since it was listed
+                continue
+    raise RuntimeError(f"no {what} to kill")
+
+
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
     try:
         os.killpg(proc.pid, sig)
