@@ -18,7 +18,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Protocol
 
 import torch
 import torch.distributed as dist
@@ -245,6 +245,13 @@ def resume(learner: Learner, ckpt: dict) -> int:
     return ckpt["episodes"]
 
 
+class CheckpointSink(Protocol):
+    """Where the loop's reports go: every rank calls `report` at every log and checkpoint step; `state` is the
+    checkpoint at checkpoint steps (rank 0's is the one kept), else None."""
+
+    def report(self, metrics: dict, state: dict | None) -> None: ...
+
+
 class FileSink:
     """Checkpoints to one file (atomically); None keeps none. Metrics go to the loop's `log` instead."""
 
@@ -268,7 +275,7 @@ def _summed(values: list[float], device: torch.device, op=None) -> list[float]:
 def train_loop(
     learner: Learner,
     source: ExperienceSource,
-    sink,
+    sink: CheckpointSink,
     log: Callable[[dict, int], None] | None = None,
     label: str = "refiner",
     prefix: str = "train/",

@@ -9,6 +9,7 @@ import re
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -153,3 +154,60 @@ def test_a_sweep_submitted_with_its_working_dir(cluster, tracking_server, tmp_pa
     assert "2 trial(s), 2 at a time" in proc.stdout
     rows = (tmp_path / "steps" / "summary.csv").read_text().splitlines()
     assert len(rows) == 3 and all(",finished," in row for row in rows[1:])
+
+
+FAKE_AUTOSCALING = {
+    "cluster_name": "iai-fake", "max_workers": 4, "upscaling_speed": 1.0, "idle_timeout_minutes": 1,
+    "provider": {"type": "fake_multinode", "use_node_id_as_ip": True, "disable_node_updaters": True,
+                 "disable_launch_config_check": True},
+    "available_node_types": {
+        "ray.head.default": {"resources": {"CPU": 0}, "node_config": {}, "max_workers": 0},
+        "cpu_worker": {"resources": {"CPU": 2}, "node_config": {}, "min_workers": 0, "max_workers": 3}},
+    "head_node_type": "ray.head.default", "auth": {}, "docker": {}, "file_mounts": {}, "cluster_synced_files": [],
+    "file_mounts_sync_continuously": False, "rsync_exclude": [], "rsync_filter": [], "initialization_commands": [],
+    "setup_commands": [], "head_setup_commands": [], "worker_setup_commands": [], "head_start_ray_commands": [],
+    "worker_start_ray_commands": []}
+
+
+@pytest.mark.slow
+def test_sweep_concurrency_comes_from_what_an_autoscaling_cluster_can_scale_to(tmp_path):
+    """Ray's fake multi-node provider: a head with no CPUs whose autoscaler can add up to three 2-CPU nodes.
+    Nothing can run at the start; a driver on the head reads the autoscaler's limits and plans 3 trials at
+    once (a tiny trial holds 2 CPUs), where the resources alive at the start would give none."""
+    port = free_port()
+    config = {**FAKE_AUTOSCALING, "provider": {**FAKE_AUTOSCALING["provider"], "gcs_address": f"127.0.0.1:{port}"}}
+    (tmp_path / "autoscaling.yaml").write_text(yaml.safe_dump(config))
+    env = {**os.environ, "RAY_FAKE_CLUSTER": "1", "RAY_AUTH_MODE": "disabled", "AUTOSCALER_UPDATE_INTERVAL_S": "1"}
+    env.pop("RAY_ADDRESS", None)
+    head = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--num-cpus=0", f"--port={port}",
+         "--node-ip-address=127.0.0.1", f"--dashboard-port={free_port()}", "--disable-usage-stats",
+         f"--autoscaling-config={tmp_path / 'autoscaling.yaml'}", f"--temp-dir={tempfile.mkdtemp(prefix='iai-', dir='/tmp')}"],
+        env=env, stdout=(tmp_path / "head.log").open("w"), stderr=subprocess.STDOUT, start_new_session=True)
+    space = tmp_path / "space.yaml"
+    space.write_text(yaml.safe_dump({"preset": "tiny", "set": {
+        "distributed.num_workers": 1, "distributed.episode_workers": 1, "distributed.learner_cpus": 0.5,
+        "distributed.episode_worker_cpus": 0.5}, "params": {"train.seed": {"grid": [0, 1, 2, 3, 4]}}}))
+    driver = ("import ray, json\n"
+              f"ray.init(address='127.0.0.1:{port}')\n"
+              "from iai_dist.search_space import load_space\n"
+              "from iai_dist.service.capacity import cluster_capacity\n"
+              "from iai_dist.service.sweep import trials_at_once\n"
+              f"space, base = load_space('{space}')\n"
+              "c = cluster_capacity()\n"
+              "print(json.dumps({'source': c.source, 'describe': c.describe(), 'alive_cpus': ray.cluster_resources()"
+              ".get('CPU', 0), 'at_once': trials_at_once(base, space, None, c)}))\n")
+    try:
+        for _ in range(60):  # the head is up once a driver can connect
+            proc = subprocess.run([sys.executable, "-c", driver], env={**env, "RAY_FAKE_CLUSTER": ""},
+                                  capture_output=True, text=True, timeout=120)
+            if proc.returncode == 0:
+                break
+            time.sleep(2)
+        assert proc.returncode == 0, proc.stderr[-2000:] + (tmp_path / "head.log").read_text()[-2000:]
+        seen = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert seen["source"].startswith("autoscaler config") and "3 x cpu_worker {CPU: 2}" in seen["describe"]
+        assert seen["alive_cpus"] == 0 and seen["at_once"] == 3
+    finally:
+        os.killpg(head.pid, signal.SIGTERM)
+        head.wait(60)

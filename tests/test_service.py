@@ -17,7 +17,7 @@ from ray import cloudpickle
 
 from iai_dist import train
 from iai_dist.checkpoint import CheckpointError, read_checkpoint
-from iai_dist.learner import train_in_process
+from iai_dist.learner import ServiceError, train_in_process
 from iai_dist.service import fit
 from iai_dist.service.fit import episode_worker_name
 
@@ -168,3 +168,13 @@ def test_an_episode_worker_that_crashes_every_time_ends_the_run_with_one_line(ra
     assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert "episode worker 0 died and Ray restarts it no more (distributed.worker_restarts=1" in err
     assert time.monotonic() - start < 180
+
+
+def test_learners_that_cannot_be_placed_stop_the_run_with_one_line(ray_local, tiny_cfg, tmp_path):
+    """A learner asking for more CPUs than the cluster has (or can scale to) is not waited for forever."""
+    cfg = tiny_cfg.with_overrides({**SERVICE, "distributed.num_workers": 1, "distributed.episode_workers": 1,
+                                   "distributed.learner_cpus": 64, "distributed.placement_timeout_s": 5})
+    start = time.monotonic()
+    with pytest.raises(ServiceError, match=r"the 1 learner\(s\) \(\{'CPU': 64.0\} each\) were not placed within 5s"):
+        fit(cfg, tmp_path / "unplaced")
+    assert time.monotonic() - start < 120

@@ -282,16 +282,19 @@ def chaos(args) -> None:
         def job(name: str, steps: int, extra: list[str]) -> str:
             entry = ["python", "-m", "iai_dist.train", "--preset", args.preset, "--set", f"tracking.runs_dir={root}",
                      "--set", f"tracking.run_name={name}", "--set", "tracking.enabled=false", "--set",
-                     f"train.max_steps={steps}", "--set", f"train.log_every={max(1, steps // 50)}",
+                     f"train.max_steps={steps}", "--set", "train.log_every=1",  # every step: redone steps counted exactly
                      "--set", f"train.checkpoint_every={max(1, steps // 10)}", "--set", "eval.one_step=false",
                      "--set", "distributed.num_workers=2", "--set", "distributed.episode_workers=2",
                      "--set", "distributed.max_failures=-1", "--set", "distributed.worker_restarts=-1", *extra]
             proc = cluster.submit(entry, working_dir=Path(__file__).resolve().parents[2], wait=False)
             return re.search(r"raysubmit_\w+", proc.stdout).group(0)
 
-        def follow(job_id: str, plan: dict[int, str]) -> dict:
+        def follow(job_id: str, plan: dict[int, str], limit_s: float = 3600) -> dict:
             client, done, actors, t0 = cluster.jobs(), [], [], time.monotonic()
             while not client.get_job_status(job_id).is_terminal():
+                if time.monotonic() - t0 > limit_s:  # a job that does not recover: reported, not waited for
+                    client.stop_job(job_id)
+                    break
                 logs = client.get_job_logs(job_id)
                 steps = [int(m) for m in re.findall(r"\[refiner\] step +(\d+)/", logs)]
                 if steps and not actors:
@@ -321,10 +324,11 @@ def chaos(args) -> None:
         print(f"== undisturbed: {steps} learner steps", flush=True)
         calm = follow(job("calm", steps, []), {})
         rng = random.Random(args.seed)
-        plan = dict(zip(sorted(rng.sample(range(steps // 20 + 1, int(steps * 0.9)), args.kills)),
-                        [rng.choice(kinds) for _ in range(args.kills)]))
+        faults = [kinds[i % len(kinds)] for i in range(args.kills)]  # every kind, once --kills reaches 4
+        rng.shuffle(faults)
+        plan = dict(zip(sorted(rng.sample(range(steps // 20 + 1, int(steps * 0.9)), args.kills)), faults))
         print(f"== with {args.kills} faults at learner steps {sorted(plan)}: {[plan[s] for s in sorted(plan)]}", flush=True)
-        chaotic = follow(job("chaos", steps, []), plan)
+        chaotic = follow(job("chaos", steps, []), plan, limit_s=4 * calm["seconds"] + 600)
     finally:
         cluster.stop()
     rows = {}
@@ -349,7 +353,8 @@ def chaos(args) -> None:
 
 
 def _steps_redone(logs: str) -> int:
-    """Learner steps taken twice: at each restart, the last step logged before it minus the step resumed at."""
+    """Learner steps taken twice: at each restart, the last step logged before it (the job logs every step)
+    minus the step resumed at."""
     redone, last = 0, 0
     for kind, step in re.findall(r"\[refiner\] (step|resumed at learner step) +(\d+)", logs):
         if kind == "step":

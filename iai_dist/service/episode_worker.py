@@ -27,10 +27,12 @@ class WeightBoard:
     """The published refiner weights by version (the learner step that produced them), owned by this actor
     so they outlive a restarted learner.
 
-    Versions belong to a generation, one per learner attempt (a random id): a request of another generation
-    is answered "superseded", so a worker never waits for, nor rolls out with, weights of an attempt that was
-    rolled back. The board is restartable: after its own death it comes back empty and answers "pending" until
-    a learner rank hands it the versions still needed again (`ensure`), which every rank does while it waits.
+    Versions belong to a generation, one per learner attempt, increasing (the attempt's start time): a request
+    of an older generation is answered "superseded", so a worker never waits for, nor rolls out with, weights of
+    an attempt that was rolled back; one of a newer generation waits ("pending") until that attempt's rank 0
+    opens it, which may come after its other ranks' first requests. The board is restartable: after its own
+    death it comes back empty and answers "pending" until a learner rank hands it the versions still needed
+    again (`ensure`), which every rank does while it waits.
     """
 
     def __init__(self) -> None:
@@ -38,7 +40,9 @@ class WeightBoard:
         self.versions: dict[int, list[ray.ObjectRef]] = {}
 
     def ensure(self, generation: int, window: dict[int, dict[str, torch.Tensor]]) -> None:
-        """Open `generation` (dropping any other) and hold every version of `window` it lacks."""
+        """Open `generation` (dropping an older one) and hold every version of `window` it lacks."""
+        if self.generation is not None and generation < self.generation:
+            return  # a late call of an attempt that was rolled back
         if generation != self.generation:
             self.generation, self.versions = generation, {}
         for version, weights in window.items():
@@ -63,9 +67,9 @@ class WeightBoard:
 
     def get(self, generation: int, version: int) -> tuple[str, list[ray.ObjectRef]]:
         """("ready", [weights]), ("pending", []) or ("superseded", [])."""
-        if self.generation is not None and generation != self.generation:
+        if self.generation is not None and generation < self.generation:
             return "superseded", []
-        if version in self.versions:
+        if generation == self.generation and version in self.versions:
             return "ready", self.versions[version]
         return "pending", []
 

@@ -8,7 +8,7 @@ with the RayFeed as experience source and ray.train.report as checkpoint sink.
 from __future__ import annotations
 
 import logging
-import random
+import time
 from pathlib import Path
 
 import ray
@@ -42,7 +42,7 @@ def learner_loop(config: dict) -> dict:
         window = {learner.step: {k: t.detach().to("cpu", copy=True) for k, t in learner.model.state_dict().items()}}
     schedule = VersionSchedule(d.staleness, d.sync_every, learner.step, list(window))
     board = config["board"]
-    generation = [random.getrandbits(63) if rank == 0 else None]  # this learner attempt's: never reused
+    generation = [time.time_ns() if rank == 0 else None]  # this learner attempt's: later attempts, larger
     if world > 1:
         dist.broadcast_object_list(generation, src=0)
     if rank == 0:
