@@ -279,13 +279,13 @@ def chaos(args) -> None:
     kinds = [*KILLABLE, "node"]
     base_tasks = load_config(args.preset).train.tasks_per_batch
     try:
-        def job(name: str, steps: int, extra: list[str]) -> str:
+        def job(name: str, steps: int) -> str:
             entry = ["python", "-m", "iai_dist.train", "--preset", args.preset, "--set", f"tracking.runs_dir={root}",
                      "--set", f"tracking.run_name={name}", "--set", "tracking.enabled=false", "--set",
                      f"train.max_steps={steps}", "--set", "train.log_every=1",  # every step: redone steps counted exactly
                      "--set", f"train.checkpoint_every={max(1, steps // 10)}", "--set", "eval.one_step=false",
                      "--set", "distributed.num_workers=2", "--set", "distributed.episode_workers=2",
-                     "--set", "distributed.max_failures=-1", "--set", "distributed.worker_restarts=-1", *extra]
+                     "--set", "distributed.max_failures=-1", "--set", "distributed.worker_restarts=-1"]
             proc = cluster.submit(entry, working_dir=Path(__file__).resolve().parents[2], wait=False)
             return re.search(r"raysubmit_\w+", proc.stdout).group(0)
 
@@ -318,17 +318,17 @@ def chaos(args) -> None:
                     "faults": [plan[s] for s in done], "redone": redone, "log_tail": logs[-2000:]}
 
         print("== probe: learner steps/s of this job on the cluster", flush=True)
-        probe = follow(job("probe", 20, []), {})
+        probe = follow(job("probe", 20), {})
         rate = 20 / max(probe["seconds"] - 40, 5)  # less the start-up of a job (about 40 s here)
         steps = max(40, int(rate * args.minutes * 60))
         print(f"== undisturbed: {steps} learner steps", flush=True)
-        calm = follow(job("calm", steps, []), {})
+        calm = follow(job("calm", steps), {})
         rng = random.Random(args.seed)
         faults = [kinds[i % len(kinds)] for i in range(args.kills)]  # every kind, once --kills reaches 4
         rng.shuffle(faults)
         plan = dict(zip(sorted(rng.sample(range(steps // 20 + 1, int(steps * 0.9)), args.kills)), faults))
         print(f"== with {args.kills} faults at learner steps {sorted(plan)}: {[plan[s] for s in sorted(plan)]}", flush=True)
-        chaotic = follow(job("chaos", steps, []), plan, limit_s=4 * calm["seconds"] + 600)
+        chaotic = follow(job("chaos", steps), plan, limit_s=4 * calm["seconds"] + 600)
     finally:
         cluster.stop()
     rows = {}

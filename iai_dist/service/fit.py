@@ -139,6 +139,7 @@ def fit(
         for actor in (*workers, board):
             ray.kill(actor, no_restart=True)
     final = run_dir / "checkpoint.pt"
+    run_dir.mkdir(parents=True, exist_ok=True)  # on remote storage Ray Train wrote nothing here
     if cfg.tracking.storage and result.checkpoint is not None:  # remote storage: the last one, downloaded
         with result.checkpoint.as_directory() as directory:
             shutil.copyfile(Path(directory) / "checkpoint.pt", final.with_suffix(".tmp"))
