@@ -6,7 +6,9 @@ import json
 import os
 import random
 import re
+import shlex
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -22,7 +24,7 @@ from iai_dist.service.loopback import LoopbackCluster, free_port, kill_actor
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = 128  # tasks per learner step (the default preset's)
-STEPS = 60  # long enough (tens of seconds) for the faults to land during training
+STEPS = 40  # long enough (tens of seconds) for the faults to land during training
 # 2 learners + 2 episode workers at 1 CPU each fill both 2-CPU nodes: the job has to span them
 JOB = ["--preset", "default", "--set", "distributed.num_workers=2", "--set", "distributed.episode_workers=2",
        "--set", f"train.max_steps={STEPS}", "--set", "train.log_every=2", "--set", "train.checkpoint_every=10",
@@ -82,12 +84,19 @@ def test_a_submission_without_the_token_is_refused(cluster):
 
 
 def test_paths_other_machines_cannot_reach_are_refused_before_any_work(cluster, tmp_path):
-    relative = train_job(cluster, Path("runs"), None, "--set", "tracking.enabled=false")
-    assert relative.returncode != 0 and "Traceback" not in relative.stdout
-    assert re.search(r"error: tracking.runs_dir: 'runs' is relative and this cluster spans machines", relative.stdout)
-    sqlite = train_job(cluster, tmp_path / "runs", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    assert sqlite.returncode != 0 and "Traceback" not in sqlite.stdout
-    assert "is a file on this machine and this cluster spans machines" in sqlite.stdout
+    """Both refusals in one submitted job (a job's start-up costs seconds): each command exits 2 with one line."""
+    train = ["python", "-m", "iai_dist.train", *JOB]
+    relative = [*train, "--set", "tracking.runs_dir=runs", "--set", "tracking.enabled=false"]
+    sqlite = [*train, "--set", f"tracking.runs_dir={tmp_path / 'runs'}"]
+    # `cd "$PWD"`: the first command's ray.init had the second raylet re-create the job's working dir (see
+    # the cluster fixture), so the shell's own cwd is a deleted directory of the same path
+    script = (f"{shlex.join(relative)}; echo relative exit $?; cd \"$PWD\"; "
+              f"MLFLOW_TRACKING_URI=sqlite:///{tmp_path / 'mlflow.db'} {shlex.join(sqlite)}; echo sqlite exit $?")
+    proc = cluster.submit(["sh", "-c", script], working_dir=ROOT)
+    out = proc.stdout
+    assert "relative exit 2" in out and "sqlite exit 2" in out and "Traceback" not in out, out[-3000:]
+    assert re.search(r"error: tracking.runs_dir: 'runs' is relative and this cluster spans machines", out)
+    assert "is a file on this machine and this cluster spans machines" in out, out[-3000:]
     assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
 
 
@@ -198,16 +207,23 @@ def test_sweep_concurrency_comes_from_what_an_autoscaling_cluster_can_scale_to(t
               "print(json.dumps({'source': c.source, 'describe': c.describe(), 'alive_cpus': ray.cluster_resources()"
               ".get('CPU', 0), 'at_once': trials_at_once(base, space, None, c)}))\n")
     try:
-        for _ in range(60):  # the head is up once a driver can connect
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:  # the GCS accepts connections, then the monitor has read its config
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.5)
+        for _ in range(10):
             proc = subprocess.run([sys.executable, "-c", driver], env={**env, "RAY_FAKE_CLUSTER": ""},
                                   capture_output=True, text=True, timeout=120)
             if proc.returncode == 0:
                 break
-            time.sleep(2)
+            time.sleep(1)
         assert proc.returncode == 0, proc.stderr[-2000:] + (tmp_path / "head.log").read_text()[-2000:]
         seen = json.loads(proc.stdout.strip().splitlines()[-1])
         assert seen["source"].startswith("autoscaler config") and "3 x cpu_worker {CPU: 2}" in seen["describe"]
         assert seen["alive_cpus"] == 0 and seen["at_once"] == 3
     finally:
-        os.killpg(head.pid, signal.SIGTERM)
-        head.wait(60)
+        os.killpg(head.pid, signal.SIGKILL)  # the head's whole process group: nothing of it is kept
+        head.wait(30)

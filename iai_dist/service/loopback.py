@@ -120,16 +120,19 @@ class LoopbackCluster:
                              env=self.env, capture_output=True, text=True)
         return out.stdout.count('"node_id"') if out.returncode == 0 else 0
 
-    def stop(self) -> None:
-        for i in sorted(self.processes, reverse=True):
-            proc = self.processes.pop(i)
-            for sig, wait in ((signal.SIGTERM, 15), (signal.SIGKILL, 10)):
-                _signal_group(proc, sig)
-                try:
-                    proc.wait(wait)
-                    break
-                except subprocess.TimeoutExpired:
-                    continue
+    def stop(self, grace_s: float = 15) -> None:
+        """SIGTERM to every node at once (each `ray start --block` stops its node), SIGKILL to what is left."""
+        procs, self.processes = list(self.processes.values()), {}
+        for proc in procs:
+            _signal_group(proc, signal.SIGTERM)
+        deadline = time.monotonic() + grace_s
+        for proc in procs:
+            try:
+                proc.wait(max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                pass
+            _signal_group(proc, signal.SIGKILL)  # also the node's processes that outlived its `ray start`
+            proc.wait(10)
 
     def submit(self, entrypoint: list[str], *, working_dir: Path | None = None, runtime_env: dict | None = None,
                timeout: float = 600, with_token: bool = True, wait: bool = True) -> subprocess.CompletedProcess:
