@@ -15,6 +15,25 @@ def tracking_uri(runs_dir: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(runs_dir / 'mlflow.db').resolve()}"
 
 
+def download_checkpoint(uri: str, runs_dir: Path = Path("runs")) -> Path:
+    """The checkpoint behind `runs:/RUN_ID` (the `checkpoint.pt` every training run logs) or `runs:/RUN_ID/PATH`,
+    from the store `tracking_uri(runs_dir)` names, downloaded to a temporary directory."""
+    from mlflow.artifacts import download_artifacts
+    from mlflow.exceptions import MlflowException
+
+    from iai_dist.checkpoint import CheckpointError
+
+    run_id, _, path = uri[len("runs:/"):].strip("/").partition("/")
+    if not run_id:
+        raise CheckpointError(f"{uri}: expected runs:/RUN_ID or runs:/RUN_ID/PATH")
+    store = tracking_uri(runs_dir)
+    try:
+        return Path(download_artifacts(artifact_uri=f"runs:/{run_id}/{path or 'checkpoint.pt'}", tracking_uri=store))
+    except (MlflowException, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{uri}: could not be downloaded from MLflow store {store}: {first}") from None
+
+
 class RunLogger:
     """Logs metrics into an existing MLflow run from any process: the driver, or rank 0 of the Ray learner.
 

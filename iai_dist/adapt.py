@@ -1,0 +1,350 @@
+"""Use a trained refiner: scikit-learn estimators that adapt to a data set one mini-batch at a time.
+
+    AmortizedRegressor(model="runs/NAME").fit(X, y).predict(X_new)
+    python -m iai_dist.adapt --model runs/NAME --train train.csv --predict query.csv [--out preds.csv]
+
+`fit` streams (X, y) through the refiner in mini-batches of the size B it was trained with, shuffled with
+`random_state`: one pass (ceil(n / B) refinement steps), or `max_steps` steps over reshuffled passes. Past
+the trained K it goes on with fresh mini-batches, as evaluation does (the last step embedding is reused).
+`partial_fit` adds one pass over new data to the current state: streaming.
+
+Parametric and explicit refiners keep one state vector (theta or z), so memory stays flat however long the
+stream. The implicit regime's state is its predictions at the query points, which are known only at
+`predict`: it keeps the mini-batches and replays them for every `predict` call (memory grows with the data).
+
+`model` is a run directory, a checkpoint file or an MLflow run URI (`runs:/RUN_ID`, whose `checkpoint.pt`
+artifact every training run logs).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClassifierMixin, RegressorMixin
+from sklearn.exceptions import NotFittedError
+
+from iai_dist.checkpoint import CheckpointError, read_checkpoint
+from iai_dist.config import ConfigError, ExperimentConfig
+from iai_dist.devices import resolve_device
+from iai_dist.evaluate import model_from_state
+from iai_dist.refiner import IterativeModel
+
+QUERY_CHUNK = 4096  # query points per forward pass in predict: bounded memory on large inputs
+
+
+def load_refiner(model: str | Path, device: str = "cpu") -> tuple[IterativeModel, ExperimentConfig]:
+    """The trained refiner behind `model` (a run directory, a checkpoint file, or `runs:/RUN_ID[/path]`)."""
+    path = Path(_download(model) if str(model).startswith("runs:/") else model).expanduser()
+    if path.is_dir():
+        path = path / "checkpoint.pt"
+    ckpt, cfg = read_checkpoint(path)
+    return model_from_state(cfg, ckpt["model"], resolve_device(device), source=str(path)), cfg
+
+
+def _download(uri: str) -> Path:
+    from iai_dist.tracking import download_checkpoint  # MLflow stays in the tracking layer
+
+    return download_checkpoint(uri)
+
+
+class _AmortizedEstimator(BaseEstimator):
+    """The state of one task, refined by a trained h_phi as mini-batches arrive."""
+
+    _kind: str  # the task kind this estimator serves: "regression" or "classification"
+
+    def __init__(self, model=None, max_steps: int | None = None, random_state: int | None = None,
+                 device: str = "cpu"):
+        self.model = model
+        self.max_steps = max_steps
+        self.random_state = random_state
+        self.device = device
+
+    # -- scikit-learn API --
+    def fit(self, X, y):
+        """Start from the refiner's initial state and stream (X, y) through it (see the module docstring)."""
+        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+            raise ValueError(f"max_steps: expected a positive integer or None, got {self.max_steps!r}")
+        refiner, cfg = self._load()
+        x, targets = self._check_xy(X, y, refiner, cfg, new_classes=True)
+        self._start(refiner, cfg)
+        self._stream(x, targets, math.ceil(len(x) / self.batch_size_) if self.max_steps is None else self.max_steps)
+        return self
+
+    def partial_fit(self, X, y, classes=None):
+        """Add one pass over (X, y) to the current state (the first call starts from the initial state).
+        `classes` (classifier): every label the stream will have, when the first call does not show them all."""
+        if hasattr(self, "refiner_"):
+            x, targets = self._check_xy(X, y, self.refiner_, self.config_, new_classes=False)
+        else:
+            refiner, cfg = self._load()
+            if classes is not None and self._kind == "classification":
+                self._set_classes(np.asarray(classes), cfg)
+            x, targets = self._check_xy(X, y, refiner, cfg, new_classes=classes is None)
+            self._start(refiner, cfg)
+        self._stream(x, targets, math.ceil(len(x) / self.batch_size_))
+        return self
+
+    def _start(self, refiner: IterativeModel, cfg: ExperimentConfig) -> None:
+        """The initial state, once the first data has been checked."""
+        self.refiner_, self.config_ = refiner, cfg
+        self.n_features_in_ = refiner.family.x_dim
+        self.batch_size_ = cfg.task.batch_size
+        self.n_steps_ = 0
+        self._rng = np.random.default_rng(self.random_state)
+        self._batches: list[tuple[torch.Tensor, torch.Tensor]] = []  # the implicit regime's context
+        self._state = None if self._implicit else refiner.initial_state(self._queries(1))
+
+    def _predict_out(self, X) -> torch.Tensor:
+        """The refined f's outputs at X: [n, out_dim] (values, or logits)."""
+        if not hasattr(self, "refiner_"):
+            raise NotFittedError(f"this {type(self).__name__} is not fitted yet: call fit or partial_fit first")
+        x = self._check_x(X, self.refiner_)
+        outs = [self._out_at(x[i:i + QUERY_CHUNK]) for i in range(0, len(x), QUERY_CHUNK)]
+        return torch.cat(outs).cpu()
+
+    # -- the refinement --
+    @property
+    def _implicit(self) -> bool:
+        return self.config_.regime.kind == "implicit"
+
+    def _stream(self, x: torch.Tensor, targets: torch.Tensor, steps: int) -> None:
+        """`steps` refinement steps on mini-batches of B drawn without replacement, reshuffled every pass."""
+        n, b, order = len(x), self.batch_size_, np.empty(0, dtype=np.int64)
+        with torch.no_grad():
+            for _ in _progress(range(steps), f"[adapt] {n} points", enabled=steps >= 1000):
+                if len(order) == 0:
+                    order = self._rng.permutation(n)
+                pick, order = torch.from_numpy(order[:b]), order[b:]
+                xb, yb = x[pick].unsqueeze(0), targets[pick].unsqueeze(0)
+                if self._implicit:
+                    self._batches.append((xb, yb))
+                else:
+                    self._state = self._step(self._state, xb, yb, self.n_steps_, self._queries(1))
+                self.n_steps_ += 1
+
+    def _step(self, state, xb, yb, i: int, x_query) -> torch.Tensor:
+        m = self.refiner_
+        step = torch.full((state.shape[0],), i, dtype=torch.long, device=xb.device)
+        return m.step(state, xb, yb, m.signal(state, xb, yb), step, x_query)
+
+    def _out_at(self, xq: torch.Tensor) -> torch.Tensor:
+        m, xq = self.refiner_, xq.unsqueeze(0)
+        with torch.no_grad():
+            if not self._implicit:
+                return m.predict(self._state, xq)[0]
+            state = m.initial_state(xq)
+            for i, (xb, yb) in enumerate(self._batches):
+                state = self._step(state, xb, yb, i, xq)
+            return m.predict(state, xq)[0]
+
+    def _queries(self, n: int) -> torch.Tensor:
+        """A placeholder query set: vector states do not depend on the query points, only on their count T."""
+        return torch.zeros(1, n, self.refiner_.family.x_dim, device=self._device)
+
+    # -- loading and checking, before anything changes --
+    def _load(self) -> tuple[IterativeModel, ExperimentConfig]:
+        if self.model is None:
+            raise ValueError("model: expected a run directory, a checkpoint file or runs:/RUN_ID, got None")
+        try:
+            refiner, cfg = load_refiner(self.model, self.device)
+        except (CheckpointError, ConfigError) as exc:
+            raise ValueError(f"model: {exc}") from None
+        if refiner.family.kind != self._kind:
+            other = "AmortizedClassifier" if self._kind == "regression" else "AmortizedRegressor"
+            raise ValueError(f"model: {self.model} was trained on {cfg.task.family}, a {refiner.family.kind} "
+                             f"family: use {other}")
+        self._device = next(refiner.parameters()).device
+        return refiner, cfg
+
+    def _check_x(self, X, refiner: IterativeModel) -> torch.Tensor:
+        x = np.asarray(X)
+        if x.ndim != 2:
+            raise ValueError(f"X: expected a 2-D array (samples x features), got {x.ndim}-D with shape {x.shape}; "
+                             "reshape a single feature with X.reshape(-1, 1), a single sample with X.reshape(1, -1)")
+        if x.shape[0] == 0:
+            raise ValueError(f"X: expected at least one sample, got shape {x.shape}")
+        if x.shape[1] != refiner.family.x_dim:
+            raise ValueError(f"X has {x.shape[1]} features, but this refiner was trained with "
+                             f"task.dim={refiner.family.x_dim}")
+        try:
+            x = x.astype(np.float32)
+        except (TypeError, ValueError):
+            raise ValueError(f"X: expected numbers, got dtype {x.dtype}") from None
+        if not np.isfinite(x).all():
+            raise ValueError(f"X contains NaN or infinity (first at row {int(np.argwhere(~np.isfinite(x))[0, 0])})")
+        return torch.from_numpy(x).to(self._device)
+
+    def _check_xy(self, X, y, refiner, cfg, new_classes: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self._check_x(X, refiner)
+        y = np.asarray(y)
+        if y.ndim == 2 and y.shape[1] == 1:
+            y = y[:, 0]
+        if y.ndim != 1 or len(y) != len(x):
+            raise ValueError(f"y: expected a 1-D array of {len(x)} targets (one per row of X), got shape {y.shape}")
+        return x, self._targets(y, cfg, new_classes)
+
+    def _targets(self, y: np.ndarray, cfg: ExperimentConfig, new_classes: bool) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class AmortizedRegressor(RegressorMixin, _AmortizedEstimator):
+    """A trained regression refiner as a scikit-learn regressor. `coef_`/`intercept_`: parametric linear f."""
+
+    _kind = "regression"
+
+    def predict(self, X) -> np.ndarray:
+        return self._predict_out(X)[:, 0].numpy().astype(np.float64)
+
+    @property
+    def coef_(self) -> np.ndarray:
+        w, _ = self._linear_theta()
+        return w[:, 0]
+
+    @property
+    def intercept_(self) -> float:
+        return float(self._linear_theta()[1][0])
+
+    def _linear_theta(self) -> tuple[np.ndarray, np.ndarray]:
+        if not hasattr(self, "refiner_"):
+            raise NotFittedError("coef_: this AmortizedRegressor is not fitted yet")
+        if self.config_.regime.kind != "parametric" or self.config_.regime.model != "linear":
+            raise AttributeError(f"coef_: only a parametric refiner with a linear f has coefficients (this one: "
+                                 f"{self.config_.regime.kind}, {self.config_.regime.model})")
+        theta, d = self._state[0].cpu().numpy().astype(np.float64), self.n_features_in_
+        return theta[:d].reshape(d, 1), theta[d:]
+
+    def _targets(self, y, cfg, new_classes):
+        try:
+            y = y.astype(np.float32)
+        except (TypeError, ValueError):
+            raise ValueError(f"y: expected numbers, got dtype {y.dtype}") from None
+        if not np.isfinite(y).all():
+            raise ValueError(f"y contains NaN or infinity (first at index {int(np.argwhere(~np.isfinite(y))[0, 0])})")
+        return torch.from_numpy(y).to(self._device)
+
+
+class AmortizedClassifier(ClassifierMixin, _AmortizedEstimator):
+    """A trained classification refiner as a scikit-learn classifier. The labels seen (at most the trained N,
+    `task.num_classes`) map in sorted order onto the refiner's classes 0 .. len(classes_) - 1."""
+
+    _kind = "classification"
+
+    def predict(self, X) -> np.ndarray:
+        return self.classes_[self.predict_proba(X).argmax(1)]
+
+    def predict_proba(self, X) -> np.ndarray:
+        logits = self._predict_out(X)[:, : len(self.classes_)]  # the classes this data set has
+        return logits.double().softmax(-1).numpy()
+
+    def _set_classes(self, labels: np.ndarray, cfg: ExperimentConfig) -> None:
+        classes = np.unique(labels)
+        if len(classes) > cfg.task.num_classes:
+            raise ValueError(f"y has {len(classes)} classes ({_few(classes)}), but this refiner was trained on "
+                             f"task.num_classes={cfg.task.num_classes}")
+        self.classes_ = classes
+
+    def _targets(self, y, cfg, new_classes):
+        if new_classes:
+            if y.dtype.kind == "f" and not np.isfinite(y).all():
+                raise ValueError("y contains NaN or infinity")
+            self._set_classes(y, cfg)
+        unknown = ~np.isin(y, self.classes_)
+        if unknown.any():
+            raise ValueError(f"y has labels {_few(np.unique(y[unknown]))} not among classes_ {_few(self.classes_)}")
+        return torch.from_numpy(np.searchsorted(self.classes_, y)).long().to(self._device)
+
+
+def _few(values: np.ndarray, n: int = 5) -> str:
+    shown = ", ".join(map(str, values[:n]))
+    return f"[{shown}{', ...' if len(values) > n else ''}]"
+
+
+def _progress(steps, label: str, enabled: bool):
+    """Yield from `steps`, printing a progress line to stderr about every 2 s on long streams."""
+    total, start, last = len(steps), time.monotonic(), 0.0
+    for i in steps:
+        yield i
+        now = time.monotonic() - start
+        if enabled and (now - last >= 2 or i + 1 == total):
+            last = now
+            bar = "#" * int(30 * (i + 1) / total)
+            print(f"\r{label}: [{bar:<30}] step {i + 1}/{total} | {(i + 1) / max(now, 1e-9):.0f} steps/s",
+                  end="\n" if i + 1 == total else "", file=sys.stderr, flush=True)
+
+
+# -- the command --
+def _read_csv(path: Path, target: str | None) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
+    """Numbers from a CSV file with a header row; `target` names the label column (None: no labels)."""
+    if not path.is_file():
+        raise ValueError(f"{path}: no such file")
+    with path.open(newline="") as f:
+        rows = list(csv.reader(f))
+    if len(rows) < 2:
+        raise ValueError(f"{path}: expected a header row and at least one data row")
+    header, body = rows[0], rows[1:]
+    if target is not None and target not in header:
+        raise ValueError(f"{path}: no column {target!r} (columns: {', '.join(header)}); name it with --target")
+    features = [c for c in header if c != target]
+    try:
+        data = np.array([[float(v) for v in row] for row in body], dtype=np.float64)
+    except ValueError as exc:
+        raise ValueError(f"{path}: every value must be a number ({exc})") from None
+    if data.ndim != 2 or data.shape[1] != len(header):
+        raise ValueError(f"{path}: every row must have {len(header)} values, like the header")
+    if target is None:
+        return data, None, features
+    col = header.index(target)
+    return np.delete(data, col, axis=1), data[:, col], features
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m iai_dist.adapt", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="run directory, checkpoint file or runs:/RUN_ID")
+    p.add_argument("--train", required=True, type=Path, help="CSV with a header: feature columns and --target")
+    p.add_argument("--predict", required=True, type=Path, help="CSV with the same feature columns")
+    p.add_argument("--target", default="y", help="the label column of --train (default: y)")
+    p.add_argument("--out", type=Path, help="write predictions here (CSV); default: standard output")
+    p.add_argument("--max-steps", type=int, help="refinement steps (default: one pass over --train)")
+    p.add_argument("--seed", type=int, default=0, help="the mini-batch shuffle's seed")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
+    args = p.parse_args(argv)
+    try:
+        x, y, features = _read_csv(args.train, args.target)
+        xq, _, query_features = _read_csv(args.predict, args.target if args.target in _header(args.predict) else None)
+        if query_features != features:
+            raise ValueError(f"{args.predict}: expected the feature columns of {args.train} ({', '.join(features)}), "
+                             f"got {', '.join(query_features)}")
+        refiner, _ = load_refiner(args.model, "cpu")
+        cls = AmortizedClassifier if refiner.family.kind == "classification" else AmortizedRegressor
+        est = cls(model=args.model, max_steps=args.max_steps, random_state=args.seed, device=args.device)
+        est.fit(x, y)
+        pred = est.predict(xq)
+    except (ValueError, CheckpointError, ConfigError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    lines = ["prediction", *map(str, pred.tolist())]
+    if args.out is None:
+        print("\n".join(lines))
+    else:
+        args.out.write_text("\n".join(lines) + "\n")
+        print(f"{len(pred)} predictions ({est.n_steps_} refinement steps on {len(x)} points) -> {args.out}",
+              file=sys.stderr)
+    return 0
+
+
+def _header(path: Path) -> list[str]:
+    if not path.is_file():
+        return []
+    with path.open(newline="") as f:
+        return next(csv.reader(f), [])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
