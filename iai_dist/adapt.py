@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import csv
 import math
+import numbers
 import sys
 import time
 from pathlib import Path
@@ -69,7 +70,7 @@ class _AmortizedEstimator(BaseEstimator):
     # -- scikit-learn API --
     def fit(self, X, y):
         """Start from the refiner's initial state and stream (X, y) through it (see the module docstring)."""
-        if self.max_steps is not None and (not isinstance(self.max_steps, int) or self.max_steps < 1):
+        if self.max_steps is not None and (not isinstance(self.max_steps, numbers.Integral) or self.max_steps < 1):
             raise ValueError(f"max_steps: expected a positive integer or None, got {self.max_steps!r}")
         refiner, cfg = self._load()
         x, targets = self._check_xy(X, y, refiner, cfg, new_classes=True)
@@ -85,6 +86,7 @@ class _AmortizedEstimator(BaseEstimator):
         else:
             refiner, cfg = self._load()
             if classes is not None and self._kind == "classification":
+                self._check_x(X, refiner)  # nothing is set before the data are checked
                 self._set_classes(np.asarray(classes), cfg)
             x, targets = self._check_xy(X, y, refiner, cfg, new_classes=classes is None)
             self._start(refiner, cfg)

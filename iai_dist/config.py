@@ -12,6 +12,7 @@ import copy
 import re
 import types
 import typing
+import warnings
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -159,6 +160,10 @@ class EvalConfig(_Section):
     monitor_episodes: int = Field(256, ge=0)
 
 
+# `register` (the name users set) is also ABCMeta.register, a class attribute no config code uses
+warnings.filterwarnings("ignore", message='Field name "register" in "TrackingConfig" shadows', category=UserWarning)
+
+
 class TrackingConfig(_Section):
     enabled: bool = True
     experiment: str = "iai_dist"
@@ -167,6 +172,9 @@ class TrackingConfig(_Section):
     # Where Ray Train keeps the service's checkpoints: None = runs_dir (on a cluster: storage every node
     # mounts), or a URI of a filesystem Ray Train reaches through pyarrow (s3://bucket/prefix, gs://...).
     storage: str | None = None
+    # Register the run's refiner (its MLflow pyfunc model, logged with every tracked run) in the MLflow model
+    # registry under this name: a new version per run. None: logged, not registered.
+    register: str | None = None
 
 
 class DistributedConfig(_Section):

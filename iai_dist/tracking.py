@@ -15,6 +15,37 @@ def tracking_uri(runs_dir: Path) -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(runs_dir / 'mlflow.db').resolve()}"
 
 
+def run_tags(cfg: ExperimentConfig, preset: str | None) -> dict[str, str]:
+    """What a reviewer filters runs by in the MLflow UI."""
+    d = cfg.distributed
+    tags = {"task.family": cfg.task.family, "regime.kind": cfg.regime.kind, "regime.signal": cfg.regime.signal,
+            "K": str(cfg.task.steps), "B": str(cfg.task.batch_size),
+            "cluster": f"{d.num_workers} learners + {d.episode_workers} episode workers" if d.num_workers
+            else "in process"}
+    if preset:
+        tags["preset"] = preset
+    commit = git_commit()
+    if commit:
+        tags["git_commit"] = commit
+    return tags
+
+
+def git_commit() -> str | None:
+    """The commit of the code that runs (with `+dirty` for uncommitted changes), when it is a git checkout."""
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        if commit.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return commit.stdout.strip() + ("+dirty" if dirty else "")
+
+
 def download_checkpoint(uri: str, runs_dir: Path = Path("runs")) -> Path:
     """The checkpoint behind `runs:/RUN_ID` (the `checkpoint.pt` every training run logs) or `runs:/RUN_ID/PATH`,
     from the store `tracking_uri(runs_dir)` names, downloaded to a temporary directory."""
@@ -70,7 +101,7 @@ class Tracker:
     """
 
     def __init__(self, cfg: ExperimentConfig, run_dir: Path, runs_dir: Path, run_name: str | None = None,
-                 parent_run_id: str | None = None):
+                 parent_run_id: str | None = None, preset: str | None = None):
         self.enabled = cfg.tracking.enabled
         self.run_id: str | None = None
         self.uri = tracking_uri(runs_dir)
@@ -98,6 +129,7 @@ class Tracker:
         id_file.write_text(self.run_id)
         if not resume:
             mlflow.log_params(flatten(cfg))
+            mlflow.set_tags(run_tags(cfg, preset))
 
     def log_metrics(self, metrics: dict[str, float], step: int) -> None:
         self.logger.log_metrics(metrics, step)
@@ -105,6 +137,23 @@ class Tracker:
     def log_artifact(self, path: Path, artifact_path: str | None = None) -> None:
         if self.enabled:
             self._mlflow.log_artifact(str(path), artifact_path)
+
+    def log_model(self, checkpoint: Path, cfg: ExperimentConfig) -> None:
+        """The refiner as this run's MLflow pyfunc model (registered as cfg.tracking.register, if set)."""
+        if self.enabled:
+            from iai_dist.mlflow_model import log_refiner
+
+            log_refiner(checkpoint, cfg, cfg.tracking.register)
+
+    def register_model(self, run_id: str, name: str) -> str:
+        """Register the refiner model logged by run `run_id` (a sweep's best trial) as a new version of `name`."""
+        from iai_dist.mlflow_model import MODEL_NAME
+
+        logged = self._mlflow.search_logged_models(filter_string=f"source_run_id = '{run_id}' AND name = '{MODEL_NAME}'",
+                                                   output_format="list")
+        if not logged:
+            raise ValueError(f"run {run_id} logged no {MODEL_NAME!r} model to register")
+        return self._mlflow.register_model(logged[0].model_uri, name).version
 
     def log_params(self, params: dict) -> None:
         if self.enabled:
@@ -123,13 +172,17 @@ class Tracker:
                 client.set_terminated(run_id, status)
 
     def log_summary(self, summary: dict) -> None:
-        """Final errors as metrics: `eval/<method>/step_<i>` for per-step methods, `eval/<method>` at once."""
+        """Final errors as metrics: `eval/<method>/error` per refinement step (MLflow's step = the refinement
+        step, so one chart shows error vs step and runs compare on it), `eval/<method>` for the at-once ones."""
         if not self.enabled:
             return
-        metrics = {f"eval/{name}": err for name, err in summary["at_once"].items()}
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(f"eval/{name}", float(err), now, 0) for name, err in summary["at_once"].items()]
         for name, errs in summary["per_step"].items():
-            metrics.update({f"eval/{name}/step_{i}": e for i, e in enumerate(errs)})
-        self._mlflow.log_metrics(metrics)
+            metrics += [Metric(f"eval/{name}/error", float(e), now, i) for i, e in enumerate(errs)]
+        self._mlflow.tracking.MlflowClient(self.uri).log_batch(self.run_id, metrics=metrics)
 
     def finish(self, status: str = "FINISHED") -> None:
         if self.enabled and self._mlflow.active_run() is not None:

@@ -79,6 +79,7 @@ def run(cfg: ExperimentConfig, run_dir: Path, tracker: Tracker, callbacks: Seque
     tracker.log_summary(summary)
     for path in (run_dir / "config.yaml", run_dir / "summary.json", plot, run_dir / "checkpoint.pt"):
         tracker.log_artifact(path)
+    tracker.log_model(run_dir / "checkpoint.pt", cfg)
     return summary
 
 
@@ -108,6 +109,7 @@ def prepare_run_dir(cfg: ExperimentConfig, preset: str | None) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    preset = args.preset or (None if args.config else "default")  # what load_config layers the run on
     try:
         cfg = load_config(args.preset, args.config, args.overrides)
         build_family(cfg.task)  # missing or broken image data stops here, before any work (and is loaded once)
@@ -120,15 +122,15 @@ def main(argv: list[str] | None = None) -> int:
                 from iai_dist.service.runtime import check_shared_paths
 
                 check_shared_paths(cfg, cfg.tracking.runs_dir, tracking_uri(Path(cfg.tracking.runs_dir)))
-            run_dir = prepare_run_dir(cfg, args.preset or (None if args.config else "default"))
+            run_dir = prepare_run_dir(cfg, preset)
         except (ConfigError, CheckpointError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        return train_and_report(cfg, run_dir)
+        return train_and_report(cfg, run_dir, preset)
 
 
-def train_and_report(cfg: ExperimentConfig, run_dir: Path) -> int:
-    tracker = Tracker(cfg, run_dir, run_dir.parent)
+def train_and_report(cfg: ExperimentConfig, run_dir: Path, preset: str | None = None) -> int:
+    tracker = Tracker(cfg, run_dir, run_dir.parent, preset=preset)
     print(f"run {run_dir.name}: {cfg.task.family}, {cfg.regime.kind} regime, signal {cfg.regime.signal}, "
           f"K={cfg.task.steps}, B={cfg.task.batch_size}; directory {run_dir}", flush=True)
     try:

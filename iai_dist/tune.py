@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         "failed trials resume from their last checkpoints, finished ones are kept")
     parser.add_argument("--max-concurrent", type=int, metavar="N",
                         help="at most N trials at once (default: as many as the cluster can scale to)")
+    parser.add_argument("--register", metavar="NAME", help="register the best trial's refiner (its MLflow model) "
+                        "in the MLflow model registry under NAME")
     parser.add_argument("--trial-retries", type=int, default=2, metavar="N",
                         help="a failed trial (a lost node, a crashed trial process) is started again up to N times, "
                              "resuming from its own last checkpoint (default: 2)")
@@ -119,6 +121,11 @@ def main(argv: list[str] | None = None, on_trial=None) -> int:
             raise ConfigError(f"--max-concurrent: expected a positive number of trials (got {args.max_concurrent})")
         if args.trial_retries < 0:
             raise ConfigError(f"--trial-retries: expected 0 or more (got {args.trial_retries})")
+        if base.tracking.register:
+            raise ConfigError("tracking.register: every trial would register its model; use --register NAME to "
+                              "register the best trial's")
+        if args.register and not base.tracking.enabled:
+            raise ConfigError("--register: needs MLflow tracking (tracking.enabled is false)")
         family = build_family(base.task)  # missing image data stops here, before any trial
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -153,6 +160,9 @@ def main(argv: list[str] | None = None, on_trial=None) -> int:
     if best is not None:
         print(f"best trial:  {best.trial} ({best.final:.3g}% after step {best.steps}); checkpoint "
               f"{best.run_dir / 'checkpoint.pt'}")
+        if args.register:
+            version = parent.register_model(best.mlflow_run_id, args.register)
+            print(f"registered:  models:/{args.register}/{version} (the best trial's refiner)")
     print(f"sweep directory: {sweep_dir} (summary.csv, summary.md, plots; trials/<id> per trial)")
     if parent.enabled:
         print(f"MLflow parent run {parent.run_id}; browse with: make ui")

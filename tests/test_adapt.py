@@ -166,8 +166,9 @@ def test_bad_labels_and_models(trained, tmp_path):
 
 def test_a_model_from_an_mlflow_run(trained, tmp_path, monkeypatch):
     """`runs:/RUN_ID`: the checkpoint.pt artifact a training run logs, from the project's store."""
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    client = mlflow.MlflowClient()
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)  # the store runs:/ URIs are read from
+    client = mlflow.MlflowClient(uri)
     experiment = client.create_experiment("adapt", artifact_location=(tmp_path / "artifacts").as_uri())
     run = client.create_run(experiment)
     client.log_artifact(run.info.run_id, str(trained["regression"]))
@@ -205,3 +206,4 @@ def test_the_adapt_command(trained, tmp_path, capsys):
     assert err.startswith("error: ") and "expected the feature columns of" in err and len(err.splitlines()) == 1
     assert adapt.main([*argv[:4], "--predict", str(tmp_path / "none.csv")]) == 2
     assert "none.csv: no such file" in capsys.readouterr().err
+

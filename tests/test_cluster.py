@@ -126,7 +126,7 @@ def test_a_job_survives_a_killed_episode_worker_weight_board_and_learner(cluster
     """Kills by PID at seeded random learner steps; the job completes, every step learned its own episodes
     once (the cursor), and the model equals the undisturbed run's: redone steps see the same transitions."""
     rng = random.Random(7)
-    plan = dict(zip(sorted(rng.sample(range(4, STEPS // 2), 3)), rng.sample(["episode worker", "weight board", "learner"], 3)))
+    plan = dict(zip(sorted(rng.sample(range(4, STEPS // 3), 3)), rng.sample(["episode worker", "weight board", "learner"], 3)))
     submitted = train_job(cluster, tmp_path, tracking_server, "--set", "tracking.run_name=chaos", wait=False)
     job = re.search(r"raysubmit_\w+", submitted.stdout).group(0)
     client, done, actors = cluster.jobs(), [], []
@@ -136,7 +136,11 @@ def test_a_job_survives_a_killed_episode_worker_weight_board_and_learner(cluster
         if steps and not actors:
             actors = cluster.actors()  # listed once training runs; again after a kill (restarts move PIDs)
         for step in [s for s in plan if s not in done and steps and max(steps) >= s]:
-            killed = kill_actor(cluster, plan[step], actors)
+            try:
+                killed = kill_actor(cluster, plan[step], actors)
+            except RuntimeError:  # none alive this instant (Ray restarting it after an earlier fault): again
+                actors = []
+                continue
             actors = []
             done.append(step)
             print(f"step {max(steps)}: killed the {plan[step]} (pid {killed})")

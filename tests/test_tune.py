@@ -148,7 +148,8 @@ def sweep(ray_local, tmp_path_factory):
                                              {"kind": "parametric", "signal": "obs+grad"},
                                              {"kind": "implicit", "signal": "obs"}]}})
     runs = tmp / "runs"
-    argv = ["--space", str(space), "--set", f"tracking.runs_dir={runs}", "--name", "tiny-sweep", "--trial-retries", "0"]
+    argv = ["--space", str(space), "--set", f"tracking.runs_dir={runs}", "--name", "tiny-sweep", "--trial-retries", "0",
+            "--register", "tiny-best"]
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         code = tune.main(argv, on_trial=_fail_implicit)
@@ -192,7 +193,7 @@ def test_tiny_sweep_lands_as_nested_runs_with_a_summary_and_survives_a_failing_t
             continue
         history = client.get_metric_history(child.info.run_id, "train/heldout_error/step_3")
         assert [m.step for m in history] == [5, 10, 15, 20]  # every log step of the learner
-        assert {f"eval/refiner/step_{i}" for i in range(7)} <= set(child.data.metrics)
+        assert [m.step for m in client.get_metric_history(child.info.run_id, "eval/refiner/error")] == list(range(7))
         assert "system/cpu_utilization_percentage" in child.data.metrics
         assert child.data.params["task.steps"] == "3"
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
@@ -202,13 +203,15 @@ def test_tiny_sweep_lands_as_nested_runs_with_a_summary_and_survives_a_failing_t
     finished = [r for r in rows if r["status"] == "finished"]
     assert parent.data.metrics["sweep/best_error_at_K"] == pytest.approx(min(float(r["error_at_K"]) for r in finished))
     assert parent.data.params["sweep.regime"].startswith("grid [")
+    best_row = min(finished, key=lambda r: float(r["error_at_K"]))
+    assert client.get_model_version("tiny-best", "1").run_id == best_row["mlflow_run_id"]  # --register
     table = (sweep["dir"] / "summary.md").read_text()
     assert "| trial | status | kind | signal | K | step 1 | step 2 | step 3 |" in table
 
 
 def test_mlflow_ui_shows_the_sweep_and_a_child_metric_chart(sweep, tmp_path):
     """`make ui` on the sweep's store, read by headless Chromium: the parent run, its children once
-    expanded, a child's held-out error chart."""
+    expanded, a child's held-out error chart and its error-vs-refinement-step chart, the registered model."""
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
@@ -253,6 +256,18 @@ def test_mlflow_ui_shows_the_sweep_and_a_child_metric_chart(sweep, tmp_path):
         shot = tmp_path / "child_metric_chart.png"
         browser.save_screenshot(str(shot))
         assert shot.stat().st_size > 10_000
+
+        search.send_keys(Keys.CONTROL, "a")  # a new search (clear() does not reach the page's own state)
+        search.send_keys(Keys.BACKSPACE)
+        WebDriverWait(browser, 60).until(lambda _: "eval/refiner" in page().splitlines())  # a chart section
+        search.send_keys("eval/refiner/error", Keys.ENTER)  # the evaluation: one chart of error vs refinement step
+        legend = f"{child.info.run_name} (eval/refiner/error)"
+        WebDriverWait(browser, 60).until(lambda _: legend in page() and "train/heldout_error" not in page())
+        assert {"0", "2", "4", "6", "Step"} <= set(page().splitlines())  # x axis: refinement steps 0 .. 2K
+        browser.save_screenshot(str(tmp_path / "child_error_vs_step.png"))
+
+        browser.get(f"{url}/#/models/tiny-best")  # the registry page of the best trial's model (--register)
+        WebDriverWait(browser, 60).until(lambda _: "tiny-best" in page() and "Version 1" in page())
     finally:
         if browser is not None:
             browser.quit()
