@@ -10,8 +10,10 @@
     python -m iai_dist.bench memory     [--at 5,30]                    : Ray service: RSS of driver and workers over a run
     python -m iai_dist.bench chaos      [--kills 6] [--minutes 3]      : Ray service: faults injected by PID on a loopback
                                         two-node cluster vs the same job undisturbed
+    python -m iai_dist.bench adapt      --model RUN [--classifier-model RUN] : a trained refiner streaming 10^4..10^6
+                                        points (points/s, peak memory, error) vs scikit-learn's partial_fit and batch fits
 The first five need torch only (they run on the GPU machine without Ray); the others run the Ray service.
-Image benchmarks live in bench_images.py, the service's in service/bench.py; this module parses for all.
+Image benchmarks live in bench_images.py, the estimator's in bench_adapt.py, the service's in service/bench.py; this module parses for all.
 """
 
 from __future__ import annotations
@@ -326,14 +328,32 @@ def main(argv: list[str] | None = None) -> None:
     sw.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     sw.add_argument("--max-concurrent", type=int, default=1, help="trials at once in the sweep (1: the same "
                     "hardware use as the one-after-another runs, so the difference is the sweep's overhead)")
-    for p in (q, t, s, tr, sa, r, m, sw, ch):
+    ad = sub.add_parser("adapt")
+    ad.add_argument("--model", required=True, help="a trained regression refiner: run directory or checkpoint")
+    ad.add_argument("--classifier-model", help="a trained classification refiner, for the classification rows")
+    ad.add_argument("--points", default="10000,100000,1000000", help="stream lengths")
+    ad.add_argument("--seed", type=int, default=0, help="the task and the mini-batch shuffle")
+    for p in (q, t, s, tr, sa, r, m, sw, ch, ad):
         p.add_argument("--out", default="bench_results")
     one = sub.add_parser("_scaling_one")
     one.add_argument("mode")
     one.add_argument("points", type=int)
     one.add_argument("tasks", type=int)
     one.add_argument("device")
+    one_adapt = sub.add_parser("_adapt_one")
+    for name, kind in (("method", str), ("points", int), ("model", str), ("seed", int)):
+        one_adapt.add_argument(name, type=kind)
     args = parser.parse_args(argv)
+    if args.bench == "_adapt_one":
+        from iai_dist.bench_adapt import run_one
+
+        print(json.dumps(run_one(args.method, args.points, args.model, args.seed)))
+        return
+    if args.bench == "adapt":
+        from iai_dist.bench_adapt import adapt
+
+        adapt(args)
+        return
     if args.bench == "_scaling_one":
         print(json.dumps(scaling_one(args.mode, args.points, args.tasks, args.device)))
         return

@@ -1,6 +1,7 @@
 """The trained refiner as scikit-learn estimators: the same states as the rollout, streaming, bad input, the command."""
 
 import csv
+import json
 
 import mlflow
 import numpy as np
@@ -12,6 +13,7 @@ from sklearn.utils.estimator_checks import check_get_params_invariance, check_se
 
 from iai_dist import adapt
 from iai_dist.adapt import AmortizedClassifier, AmortizedRegressor
+from iai_dist.bench_adapt import METHODS
 from iai_dist.learner import train_in_process
 from iai_dist.rollout import refine
 
@@ -207,3 +209,22 @@ def test_the_adapt_command(trained, tmp_path, capsys):
     assert adapt.main([*argv[:4], "--predict", str(tmp_path / "none.csv")]) == 2
     assert "none.csv: no such file" in capsys.readouterr().err
 
+
+
+def test_the_adapt_bench_streams_every_method(trained, tmp_path):
+    """The command (a fresh process per method: regression), and each classification method in this process."""
+    from iai_dist import bench
+    from iai_dist.bench_adapt import run_one
+
+    bench.main(["adapt", "--model", str(trained["regression"]), "--points", "600", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "adapt.json").read_text())["rows"]
+    rows += [{"kind": "classification", **run_one(m, 600, str(trained["classification"]), 0)}
+             for m in METHODS["classification"]]
+    assert [(r["kind"], r["method"]) for r in rows] == [(k, m) for k in METHODS for m in METHODS[k]]
+    for r in rows:
+        assert r["read"] == (20 if "first K" in r["method"] else 600)  # tiny: K = 5 mini-batches of B = 4
+        assert r["points_per_s"] > 0 and r["peak_rss_mb"] >= r["rss_after_load_mb"] > 0
+    by = {(r["kind"], r["method"]): r["error"] for r in rows}
+    assert by["regression", "Ridge (all at once)"] < 5  # 600 noisy points pin a 4-d linear model down
+    assert by["classification", "refiner, first K mini-batches"] < 60  # 3 classes: chance is ~67%
+    assert "| regression | refiner | 600 | 600 |" in (tmp_path / "adapt.md").read_text()
