@@ -37,6 +37,8 @@ def ray_local():
     import os
 
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    # system metrics every second (every Ray worker inherits it): short test runs still log some
+    os.environ.setdefault("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")
     os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "30")
     import ray
 

@@ -121,21 +121,22 @@ def test_train_cli_on_ray_logs_one_mlflow_run_with_service_metrics(ray_local, tm
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     argv = ["--preset", "tiny", "--set", "tracking.run_name=onray", "--set", f"tracking.runs_dir={tmp_path}",
             "--set", "distributed.num_workers=1", "--set", "distributed.episode_workers=1",
-            "--set", "train.max_steps=20", *[f"--set={k}={v}" for k, v in SERVICE.items()]]
+            "--set", "train.max_steps=60", *[f"--set={k}={v}" for k, v in SERVICE.items()]]
     assert train.main(argv) == 0
     out = capsys.readouterr().out
     assert "| refiner |" in out and "| one_step |" in out
     run_dir = tmp_path / "onray"
     summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["train"]["steps"] == 20 and summary["train"]["episodes"] == 20 * 32
+    assert summary["train"]["steps"] == 60 and summary["train"]["episodes"] == 60 * 32
     assert (run_dir / "one_step" / "checkpoint.pt").exists()
 
     client = MlflowClient(_sqlite(tmp_path / "mlflow.db"))
     mrun = client.get_run((run_dir / "mlflow_run_id").read_text())
     assert mrun.info.status == "FINISHED" and mrun.data.params["distributed.num_workers"] == "1"
-    assert [m.step for m in client.get_metric_history(mrun.info.run_id, "train/loss")] == [10, 20]
+    assert [m.step for m in client.get_metric_history(mrun.info.run_id, "train/loss")] == [10, 20, 30, 40, 50, 60]
     assert "one_step/learner_idle_pct" in mrun.data.metrics and "eval/refiner/error" in mrun.data.metrics
-    assert any(name.startswith("system/") for name in mrun.data.metrics)
+    assert any(name.startswith("system/cpu") for name in mrun.data.metrics)  # the driver's machine
+    assert "system/learner_0/cpu_utilization_percentage" in mrun.data.metrics  # the learner's
     artifacts = {a.path for a in client.list_artifacts(mrun.info.run_id)}
     assert {"summary.json", "config.yaml", "error_vs_step.png", "checkpoint.pt"} <= artifacts
 

@@ -7,6 +7,7 @@ with the RayFeed as experience source and ray.train.report as checkpoint sink.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -52,8 +53,10 @@ def learner_loop(config: dict) -> dict:
     feed = RayFeed(learner, stream, mine, board, generation[0], schedule, window, cfg.train.max_steps)
 
     logger: RunLogger = config["logger"]
-    totals = train_loop(learner, feed, RayTrainSink(rank), log=logger.log_metrics if rank == 0 else None,
-                        label=config["label"], prefix=config["prefix"], on_step=config["on_step"])
+    # rank 0's machine (its GPU included) beside the driver's: system/learner_0/...
+    with logger.system_metrics("learner_0") if rank == 0 else contextlib.nullcontext():
+        totals = train_loop(learner, feed, RayTrainSink(rank), log=logger.log_metrics if rank == 0 else None,
+                            label=config["label"], prefix=config["prefix"], on_step=config["on_step"])
 
     nodes = [ray.get_runtime_context().get_node_id()]
     if world > 1:
