@@ -175,13 +175,18 @@ class _AmortizedEstimator(BaseEstimator):
         if x.shape[1] != refiner.family.x_dim:
             raise ValueError(f"X has {x.shape[1]} features, but this refiner was trained with "
                              f"task.dim={refiner.family.x_dim}")
+        return self._finite(x, "X", "row")
+
+    def _finite(self, a: np.ndarray, name: str, position: str) -> torch.Tensor:
+        """float32 on the refiner's device, or one line naming what is not a finite number."""
         try:
-            x = x.astype(np.float32)
+            a = a.astype(np.float32)
         except (TypeError, ValueError):
-            raise ValueError(f"X: expected numbers, got dtype {x.dtype}") from None
-        if not np.isfinite(x).all():
-            raise ValueError(f"X contains NaN or infinity (first at row {int(np.argwhere(~np.isfinite(x))[0, 0])})")
-        return torch.from_numpy(x).to(self._device)
+            raise ValueError(f"{name}: expected numbers, got dtype {a.dtype}") from None
+        if not np.isfinite(a).all():
+            raise ValueError(f"{name} contains NaN or infinity (first at {position} "
+                             f"{int(np.argwhere(~np.isfinite(a))[0, 0])})")
+        return torch.from_numpy(a).to(self._device)
 
     def _check_xy(self, X, y, refiner, cfg, new_classes: bool) -> tuple[torch.Tensor, torch.Tensor]:
         x = self._check_x(X, refiner)
@@ -223,13 +228,7 @@ class AmortizedRegressor(RegressorMixin, _AmortizedEstimator):
         return theta[:d].reshape(d, 1), theta[d:]
 
     def _targets(self, y, cfg, new_classes):
-        try:
-            y = y.astype(np.float32)
-        except (TypeError, ValueError):
-            raise ValueError(f"y: expected numbers, got dtype {y.dtype}") from None
-        if not np.isfinite(y).all():
-            raise ValueError(f"y contains NaN or infinity (first at index {int(np.argwhere(~np.isfinite(y))[0, 0])})")
-        return torch.from_numpy(y).to(self._device)
+        return self._finite(y, "y", "index")
 
 
 class AmortizedClassifier(ClassifierMixin, _AmortizedEstimator):

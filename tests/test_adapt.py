@@ -46,6 +46,16 @@ def _episode(est, index=0):
     return est.refiner_.family.sample(est.config_.eval.seed, torch.tensor([index]))
 
 
+def _rollout_outputs(model, ep):
+    """f's outputs at the episode's query points after its K refinement steps, by the model's own step."""
+    state = model.initial_state(ep.x_query)
+    with torch.no_grad():
+        for i in range(ep.num_batches):
+            x, y = ep.minibatch(i)
+            state = model.step(state, x, y, model.signal(state, x, y), torch.tensor([i]), ep.x_query)
+        return model.predict(state, ep.x_query)[0]
+
+
 def _stream_minibatches(est, ep, labels=None):
     for i in range(ep.num_batches):
         x, y = ep.minibatch(i)
@@ -65,12 +75,7 @@ def test_the_estimator_reaches_the_rollouts_predictions(trained, kind):
     _stream_minibatches(est, ep)
     assert est.n_steps_ == 5
     model = est.refiner_
-    state = model.initial_state(ep.x_query)
-    with torch.no_grad():
-        for i in range(5):
-            x, y = ep.minibatch(i)
-            state = model.step(state, x, y, model.signal(state, x, y), torch.tensor([i]), ep.x_query)
-        expected = model.predict(state, ep.x_query)[0, :, 0].numpy()
+    expected = _rollout_outputs(model, ep)[:, 0].numpy()
     torch.testing.assert_close(torch.from_numpy(est.predict(ep.x_query[0].numpy())).float(),
                                torch.from_numpy(expected), rtol=1e-4, atol=1e-5)
     # and the error after step K is the one evaluation reports for this episode
@@ -108,12 +113,7 @@ def test_the_classifier_maps_its_labels_and_matches_the_rollout(trained):
     proba = est.predict_proba(xq)
     np.testing.assert_allclose(proba.sum(1), 1.0, rtol=1e-9)
     model = est.refiner_
-    state = model.initial_state(ep.x_query)
-    with torch.no_grad():
-        for i in range(5):
-            x, y = ep.minibatch(i)
-            state = model.step(state, x, y, model.signal(state, x, y), torch.tensor([i]), ep.x_query)
-        logits = model.predict(state, ep.x_query)[0]
+    logits = _rollout_outputs(model, ep)
     np.testing.assert_allclose(proba, logits.double().softmax(-1).numpy(), rtol=1e-4, atol=1e-6)
     assert list(est.predict(xq)) == list(labels[proba.argmax(1)])
     truth = labels[ep.y_query[0].numpy()]
