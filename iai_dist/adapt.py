@@ -224,7 +224,8 @@ class AmortizedRegressor(RegressorMixin, _AmortizedEstimator):
         if self.config_.regime.kind != "parametric" or self.config_.regime.model != "linear":
             raise AttributeError(f"coef_: only a parametric refiner with a linear f has coefficients (this one: "
                                  f"{self.config_.regime.kind}, {self.config_.regime.model})")
-        theta, d = self._state[0].cpu().numpy().astype(np.float64), self.n_features_in_
+        theta = self.refiner_.regime.params(self._state)[0].cpu().numpy().astype(np.float64)  # not its memory
+        d = self.n_features_in_
         return theta[:d].reshape(d, 1), theta[d:]
 
     def _targets(self, y, cfg, new_classes):

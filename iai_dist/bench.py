@@ -52,6 +52,10 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
     "linreg-paper/implicit/obs": ("linreg-paper", ["regime.kind=implicit", "regime.signal=obs", "task.query_size=16"]),
     "linclass/parametric/obs+grad": ("linclass", []),
     "mlpreg/parametric/obs+grad": ("mlpreg", []),
+    # optimizer memory (regime.memory=moments): gradient moments carried in the state, beside each default
+    "linreg-paper/parametric/obs+grad+moments": ("linreg-paper", ["regime.memory=moments"]),
+    "linclass/parametric/obs+grad+moments": ("linclass", ["regime.memory=moments"]),
+    "mlpreg/parametric/obs+grad+moments": ("mlpreg", ["regime.memory=moments"]),
 }
 # DESIGN.md reference figures (error % after mini-batches 1 / 5 / 10), for the linreg-paper rows.
 REFERENCE = {
@@ -329,7 +333,7 @@ def main(argv: list[str] | None = None) -> None:
     sw.add_argument("--max-concurrent", type=int, default=1, help="trials at once in the sweep (1: the same "
                     "hardware use as the one-after-another runs, so the difference is the sweep's overhead)")
     ad = sub.add_parser("adapt")
-    ad.add_argument("--model", required=True, help="a trained regression refiner: run directory or checkpoint")
+    ad.add_argument("--model", help="a trained regression refiner: run directory or checkpoint")
     ad.add_argument("--classifier-model", help="a trained classification refiner, for the classification rows")
     ad.add_argument("--points", default="10000,100000,1000000", help="stream lengths")
     ad.add_argument("--seed", type=int, default=0, help="the task and the mini-batch shuffle")

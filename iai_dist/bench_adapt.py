@@ -104,7 +104,14 @@ def _rss_mb() -> float:
 def adapt(args) -> None:
     from iai_dist.bench import write
 
+    from iai_dist.adapt import load_refiner
+
     models = {"regression": args.model, "classification": args.classifier_model}
+    if not any(models.values()):
+        raise SystemExit("bench adapt: give --model (a regression refiner), --classifier-model, or both")
+    for (kind, model), flag in zip(models.items(), ("--model", "--classifier-model")):
+        if model is not None and (found := load_refiner(model)[0].family.kind) != kind:
+            raise SystemExit(f"bench adapt: {flag} {model} is a {found} refiner; expected a {kind} one")
     points = [int(p) for p in args.points.split(",")]
     rows = []
     for kind, model in models.items():

@@ -94,6 +94,12 @@ class RegimeConfig(_Section):
     # parametric/explicit: observation tokens also carry f's current prediction at each mini-batch point,
     # so the refiner reads residuals directly instead of multiplying x by theta across tokens
     obs_predictions: bool = True
+    # Optimizer memory (beyond the paper; learned optimizers such as VeLO feed theirs the same): "moments"
+    # carries, beside theta or z, running means of the gradient at each of `memory_decays` and a running mean
+    # of its square at the slowest one, updated by formula at every step and shown to the refiner on the state
+    # tokens. A state of theta alone forgets every earlier mini-batch, as SGD does.
+    memory: Literal["none", "moments"] = "none"
+    memory_decays: tuple[float, ...] = (0.5, 0.9, 0.99)
 
     @model_validator(mode="after")
     def _implicit_has_no_gradient(self) -> "RegimeConfig":
@@ -101,6 +107,10 @@ class RegimeConfig(_Section):
             raise ValueError(
                 f"signal {self.signal!r} needs parameters to differentiate; the implicit regime has none, use 'obs'"
             )
+        if self.memory == "moments" and "grad" not in self.signal:
+            raise ValueError(f"memory 'moments' accumulates gradients: it needs signal grad or obs+grad, not {self.signal!r}")
+        if not self.memory_decays or not all(0 < b < 1 for b in self.memory_decays):
+            raise ValueError(f"memory_decays: expected decays strictly between 0 and 1, got {list(self.memory_decays)}")
         return self
 
 

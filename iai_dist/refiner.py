@@ -115,6 +115,8 @@ class IterativeModel(nn.Module):
         x_query: torch.Tensor,
     ) -> torch.Tensor:
         """One refinement step for N = tasks (or tasks x steps) rows at once."""
+        if grad is not None:
+            state = self.regime.remember(state, grad)
         obs = None
         if self.regime.uses_obs:
             parts = [x, self.family.encode_targets(y)]

@@ -122,8 +122,9 @@ def test_nonfinite_steps_are_skipped_still_move_the_schedule_then_stop_the_run(t
     assert learner.skipped == 4 and learner.step == 5
 
 
-def test_a_tiny_model_learns_to_refine(tiny_cfg):
-    cfg = tiny_cfg.with_overrides({"task.steps": 5, "train.max_steps": 150, "train.lr": 3e-3})
+@pytest.mark.parametrize("memory", ["none", "moments"])
+def test_a_tiny_model_learns_to_refine(tiny_cfg, memory):
+    cfg = tiny_cfg.with_overrides({"task.steps": 5, "train.max_steps": 150, "train.lr": 3e-3, "regime.memory": memory})
     learner, _ = quiet_train(cfg, None)
     ep = learner.family.sample(cfg.eval.seed, torch.arange(256))
     terms = refine(learner.model, ep)

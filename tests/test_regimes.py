@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from iai_dist.config import load_config
+from iai_dist.config import ConfigError, load_config
 from iai_dist.refiner import IterativeModel
 from iai_dist.tasks import build_family
 
@@ -105,3 +105,43 @@ def test_bf16_autocast_runs_only_the_refiner_in_bf16():
     assert half.dtype == torch.float32
     assert not torch.equal(half, full)
     torch.testing.assert_close(half, full, rtol=0.05, atol=0.02)
+
+
+@pytest.mark.parametrize("kind", ["parametric", "explicit"])
+def test_optimizer_memory_carries_adams_bias_corrected_moments(kind):
+    """memory=moments: the state carries running gradient moments, updated by formula each step; what f reads
+    (theta or z) and the gradient are the same as without memory, and m_j / w_j is Adam's corrected mean."""
+    decays = (0.5, 0.9)
+    _, fam, m = build("linear_regression", kind, "obs+grad", "linear", **{"regime.memory": "moments",
+                                                                           "regime.memory_decays": list(decays)})
+    r, n = m.regime, 4
+    ep = fam.sample(0, torch.arange(n))
+    state = m.initial_state(ep.x_query)
+    p = r.state_dim
+    assert state.shape == (n, p + 3 * (p + 1)) and torch.equal(state[:, p:], torch.zeros(n, 3 * (p + 1)))
+    grads = [torch.randn(n, p) for _ in range(3)]
+    for g in grads:
+        state = r.remember(state, g)
+    means, weights = r._memory(state)
+    for j, b in enumerate([*decays, max(decays)]):
+        adam = torch.zeros(n, p)
+        for g in grads:
+            adam = b * adam + (1 - b) * (g if j < len(decays) else g * g)
+        torch.testing.assert_close(weights[:, j], torch.full((n,), 1 - b ** 3))
+        torch.testing.assert_close(means[:, j] / weights[:, j : j + 1], adam / (1 - b ** 3))
+    x, y = ep.minibatch(0)
+    grad = m.signal(state, x, y)
+    assert grad.shape == (n, p)
+    torch.testing.assert_close(m.predict(state, ep.x_query), m.predict(r.with_memory(r.params(state)), ep.x_query))
+    tokens = r.state_tokens(state, grad, ep.x_query)
+    assert tokens.shape == (n, r.num_state_tokens, r.chunk * (3 + 2 * len(decays) + 1)) and torch.isfinite(tokens).all()
+    # a step: the zero-initialised refiner leaves theta/z alone; the memory takes in this step's gradient
+    new = m.step(state, x, y, grad, torch.zeros(n, dtype=torch.long), ep.x_query)
+    assert torch.equal(new[:, :p], state[:, :p]) and torch.equal(new, r.remember(state, grad))
+
+
+def test_memory_needs_the_gradient_signal():
+    with pytest.raises(ConfigError, match="memory 'moments' accumulates gradients: it needs signal grad or obs"):
+        load_config("tiny", overrides=["regime.memory=moments", "regime.signal=obs"])
+    with pytest.raises(ConfigError, match="memory_decays: expected decays strictly between 0 and 1"):
+        load_config("tiny", overrides=["regime.memory=moments", "regime.memory_decays=[0.9, 1.0]"])

@@ -47,6 +47,10 @@ class Regime(nn.Module):
     def apply_update(self, state: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def remember(self, state: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """The state with this step's gradient taken into its memory (a regime without memory: unchanged)."""
+        return state
+
 
 class VectorStateRegime(Regime):
     """State = one vector per task (theta or z), cut into chunk tokens; the gradient rides on the same tokens.
@@ -54,25 +58,68 @@ class VectorStateRegime(Regime):
     Token features per chunk: [state chunk] and, with the gradient signal, [grad chunk, grad chunk / rms(grad)]:
     the raw gradient keeps its scale, the normalised copy keeps its direction readable late in
     refinement, when gradients are orders of magnitude smaller than at the start.
+
+    With memory "moments" the state row is [v | m_1 .. m_k | s | w_1 .. w_k, w_s]: v is theta or z (P entries),
+    m_j the running mean of the gradient at decay b_j, s that of its square at the slowest decay, and w the
+    running mean of 1 at each decay, so m_j / w_j is the bias-corrected mean (Adam's correction, without a
+    step counter: it holds past K). Each chunk token then also carries, per decay, [m_j, m_j / sqrt(s)] (the
+    latter Adam's per-coordinate step direction) and sqrt(s).
     """
 
     def _setup_tokens(self, state_dim: int) -> None:
         self.state_dim = state_dim
+        self.decays = tuple(self.cfg.memory_decays) if self.cfg.memory == "moments" else ()
         self.chunk = min(self.cfg.chunk_size, state_dim)
         self.num_state_tokens = math.ceil(state_dim / self.chunk)
-        self.state_feature_dim = self.chunk * (3 if self.uses_grad else 1)
+        memory_feats = 2 * len(self.decays) + 1 if self.decays else 0
+        self.state_feature_dim = self.chunk * ((3 if self.uses_grad else 1) + memory_feats)
         self.update_dim = self.chunk
+        if self.decays:  # b_1..b_k for the means, the slowest for the square
+            self.register_buffer("_rates", torch.tensor([*self.decays, max(self.decays)]), persistent=False)
+
+    def params(self, state: torch.Tensor) -> torch.Tensor:
+        """theta or z: what f reads, what the gradient is taken with respect to."""
+        return state[:, : self.state_dim]
+
+    def with_memory(self, v: torch.Tensor) -> torch.Tensor:
+        """An initial state: v with empty memory (zero means and zero weights)."""
+        if not self.decays:
+            return v
+        return torch.cat([v, v.new_zeros(v.shape[0], (len(self.decays) + 1) * (self.state_dim + 1))], 1)
+
+    def _memory(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        n, p, slots = state.shape[0], self.state_dim, len(self.decays) + 1
+        return state[:, p : p + slots * p].view(n, slots, p), state[:, p + slots * p :]
+
+    def remember(self, state, grad):
+        if not self.decays:
+            return state
+        means, weights = self._memory(state)
+        rates = self._rates.to(state.dtype)
+        k = len(self.decays)
+        seen = torch.cat([grad.unsqueeze(1).expand(-1, k, -1), grad.pow(2).unsqueeze(1)], 1)
+        means = rates[:, None] * means + (1 - rates[:, None]) * seen
+        weights = rates * weights + (1 - rates)
+        return torch.cat([self.params(state), means.flatten(1), weights], 1)
 
     def _chunks(self, v: torch.Tensor) -> torch.Tensor:
         pad = self.num_state_tokens * self.chunk - v.shape[1]
         return nn.functional.pad(v, (0, pad)).view(v.shape[0], self.num_state_tokens, self.chunk)
 
     def state_tokens(self, state, grad, x_query):
-        feats = [self._chunks(state)]
+        feats = [self._chunks(self.params(state))]
         if self.uses_grad:
             rms = grad.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-12)
             feats += [self._chunks(grad), self._chunks(grad / rms)]
+        if self.decays:
+            means, weights = self._memory(state)
+            corrected = means / weights.unsqueeze(-1).clamp_min(1e-12)
+            root = corrected[:, -1].clamp_min(0).sqrt()
+            for j in range(len(self.decays)):
+                feats += [self._chunks(corrected[:, j]), self._chunks(corrected[:, j] / (root + 1e-12))]
+            feats.append(self._chunks(root))
         return torch.cat(feats, -1)
 
     def apply_update(self, state, update):
-        return state + update.flatten(1)[:, : self.state_dim]
+        v = self.params(state) + update.flatten(1)[:, : self.state_dim]
+        return v if not self.decays else torch.cat([v, state[:, self.state_dim :]], 1)

@@ -30,10 +30,10 @@ class ExplicitRegime(VectorStateRegime):
         self._setup_tokens(cfg.latent_dim)
 
     def initial_state(self, x_query):
-        return self.z0.expand(x_query.shape[0], -1)
+        return self.with_memory(self.z0.expand(x_query.shape[0], -1))
 
     def predict(self, state, x_query):
-        return self.f_gamma(state, x_query)
+        return self.f_gamma(self.params(state), x_query)
 
     def gradient(self, state, x, y):
-        return fn_gradient(self.f_gamma, self.family, state, x, y)
+        return fn_gradient(self.f_gamma, self.family, self.params(state), x, y)

@@ -19,10 +19,10 @@ class ParametricRegime(VectorStateRegime):
         self._setup_tokens(self.fn.num_params)
 
     def initial_state(self, x_query):
-        return self.theta0.expand(x_query.shape[0], -1)
+        return self.with_memory(self.theta0.expand(x_query.shape[0], -1))
 
     def predict(self, state, x_query):
-        return self.fn(state, x_query)
+        return self.fn(self.params(state), x_query)
 
     def gradient(self, state, x, y):
-        return fn_gradient(self.fn, self.family, state, x, y)
+        return fn_gradient(self.fn, self.family, self.params(state), x, y)
