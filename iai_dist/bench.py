@@ -140,41 +140,49 @@ def quality(args) -> None:
     write(Path(args.out), "quality", {"minutes": args.minutes, "settings": results, "reference": REFERENCE}, table)
 
 
-def learner_rate(cfg: ExperimentConfig, device: torch.device, warmup: int, steps: int) -> float:
-    """Learner steps/s of the in-process path after `warmup` steps."""
+def learner_rate(cfg: ExperimentConfig, device: torch.device, warmup: int, steps: int) -> tuple[float, float | None]:
+    """Learner steps/s of the in-process path after `warmup` steps, and the peak GPU memory (MiB) of those
+    steps on CUDA (None elsewhere: a CPU process's peak RSS does not come down between settings)."""
     learner = Learner(cfg.with_overrides({"train.max_steps": 10**9, "train.log_every": 10**9}), device)
     steps_in_process(learner, warmup)
     _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     steps_in_process(learner, steps)
     _sync(device)
-    return steps / (time.perf_counter() - t0)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return steps / (time.perf_counter() - t0), peak
 
 
 def learner(args) -> None:
     """Learner steps on linreg-paper at --tasks tasks per step: fp32 and bf16 autocast (and which one
     train.autocast=auto picks here), eager vs torch.compile where asked; with --baseline REF, the same
-    in-process learner of this tree and of git revision REF side by side, in alternating processes."""
+    in-process learner of this tree and of git revision REF side by side, in alternating processes.
+    --unroll 1,2,5,10: the cost of non-greedy training (train.unroll) per learner step, side by side."""
     device = resolve_device(args.device)
     rows = []
     for name in args.settings.split(","):
         preset, overrides = SETTINGS[name]
         for compiled in ([False, True] if args.compile else [False]):
             for autocast in args.autocast.split(","):
-                sets = [f"train.tasks_per_batch={args.tasks}", f"train.compile={compiled}", f"train.autocast={autocast}"]
-                cfg = load_config(preset, overrides=[*overrides, *sets])
-                rate = learner_rate(cfg, device, args.warmup, args.steps)
-                k = cfg.task.steps
-                rows.append({"setting": name, "compile": compiled, "device": str(device), "tasks": args.tasks,
-                             "autocast": autocast, "auto_picks": autocast == ("bf16" if uses_bf16("auto", device) else "off"),
-                             "learner_steps_per_s": rate, "episodes_per_s": args.tasks * rate,
-                             "refinement_steps_per_s": args.tasks * k * rate})
-                print(f"   {name} {autocast} compile={compiled}: {rate:.2f} learner steps/s", flush=True)
-    head = ("| setting | device | compile | autocast | tasks/step | learner steps/s | episodes/s | refinement steps/s |\n"
-            "|---|---|---|---|---|---|---|---|")
+                for unroll in [int(n) for n in args.unroll.split(",")]:
+                    sets = [f"train.tasks_per_batch={args.tasks}", f"train.compile={compiled}",
+                            f"train.autocast={autocast}", f"train.unroll={unroll}"]
+                    cfg = load_config(preset, overrides=[*overrides, *sets])
+                    rate, peak = learner_rate(cfg, device, args.warmup, args.steps)
+                    k = cfg.task.steps
+                    rows.append({"setting": name, "compile": compiled, "device": str(device), "tasks": args.tasks,
+                                 "autocast": autocast, "unroll": unroll,
+                                 "auto_picks": autocast == ("bf16" if uses_bf16("auto", device) else "off"),
+                                 "learner_steps_per_s": rate, "episodes_per_s": args.tasks * rate,
+                                 "refinement_steps_per_s": args.tasks * k * rate, "peak_gpu_mib": peak})
+                    print(f"   {name} {autocast} compile={compiled} unroll={unroll}: {rate:.2f} learner steps/s", flush=True)
+    head = ("| setting | device | compile | autocast | unroll | tasks/step | learner steps/s | episodes/s | "
+            "refinement steps/s | peak GPU MiB |\n|---|---|---|---|---|---|---|---|---|---|")
     lines = [f"| {r['setting']} | {r['device']} | {r['compile']} | {r['autocast']}{' (auto)' if r['auto_picks'] else ''} "
-             f"| {r['tasks']} | {r['learner_steps_per_s']:.2f} | {r['episodes_per_s']:.0f} | {r['refinement_steps_per_s']:.0f} |"
-             for r in rows]
+             f"| {r['unroll']} | {r['tasks']} | {r['learner_steps_per_s']:.2f} | {r['episodes_per_s']:.0f} | "
+             f"{r['refinement_steps_per_s']:.0f} | {_mib(r['peak_gpu_mib'])} |" for r in rows]
     table = "\n".join([head, *lines]) + "\n\n(auto): what train.autocast=auto runs on this device."
     payload = {"rows": rows}
     if args.baseline:
@@ -183,6 +191,10 @@ def learner(args) -> None:
         table += (f"\n\nSide by side with {b['ref']} ({b['rounds']} alternating rounds, {b['autocast']} both, median "
                   f"learner steps/s): this tree {b['this']:.3f}, {b['ref']} {b['base']:.3f}: ratio {b['ratio']:.3f}")
     write(Path(args.out), f"learner-{device.type}", payload, table)
+
+
+def _mib(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
 
 
 def side_by_side(args, device: torch.device) -> dict:
@@ -291,6 +303,7 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--device", default="auto")
     t.add_argument("--compile", action="store_true", help="also measure with torch.compile")
     t.add_argument("--autocast", default="off,bf16", help="comma-separated train.autocast values to measure")
+    t.add_argument("--unroll", default="1", help="comma-separated train.unroll values to measure")
     t.add_argument("--baseline", metavar="REF", help="also time git revision REF side by side (e.g. main)")
     t.add_argument("--rounds", type=int, default=3, help="alternating rounds of the --baseline comparison")
     s = sub.add_parser("scaling")

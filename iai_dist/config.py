@@ -142,6 +142,10 @@ class TrainConfig(_Section):
     # 'relative' weighs each refinement step's query loss by its own size (sum of log losses), so late
     # steps, whose losses are orders of magnitude smaller, are learned as well as the first; 'uniform' sums them.
     step_weighting: Literal["relative", "uniform"] = "relative"
+    # Backpropagate each query loss through up to `unroll` consecutive refinement steps: the state is detached
+    # every `unroll` steps (1: the greedy objective; >= task.steps: through the whole episode). Costs a
+    # learner step's activations x unroll in memory and runs the K steps one after another.
+    unroll: PositiveInt = 1
     seed: int = Field(0, ge=0)  # model init and the training episodes' seed
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     compile: bool = False  # torch.compile the refiner (worth it on GPUs, slow to start on a small CPU)

@@ -4,6 +4,8 @@ Read top to bottom:
 - greedy_terms: the query losses after each refinement step of a batch of transitions. Each transition's
   incoming state is data (rolled out under no_grad), so the loss after step i sends no gradient through steps
   0..i-1: the greedy objective of DESIGN.md. Only the learned initial state, which no step produced, is live.
+  With train.unroll = n > 1 the states inside each block of n steps are recomputed live, so a loss reaches
+  back through up to n - 1 earlier steps (the paper's open question on non-greedy training).
 - learner_step: one optimizer step on those losses, exact under data parallelism: N ranks take the very step
   that one process would take on the union of their transitions.
 - Learner: what a checkpoint restores about learning (model, optimizer, step, skip counters, RNG).
@@ -61,7 +63,7 @@ def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float) -> float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def greedy_terms(model: IterativeModel, tr: Transitions) -> tuple[torch.Tensor, torch.Tensor]:
+def greedy_terms(model: IterativeModel, tr: Transitions, unroll: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Over this batch's T tasks: the query-loss sum after each refinement step [K] (differentiable) and the
     query error terms [2, K] (numerator, denominator; detached)."""
     t, k = tr.num_tasks, tr.num_steps
@@ -70,24 +72,46 @@ def greedy_terms(model: IterativeModel, tr: Transitions) -> tuple[torch.Tensor, 
     # / z^(0) / y_hat^(0) get a gradient; their gradient signal is recomputed at that state, since an episode
     # worker computed it at the initial state of the weights it rolled out with.
     state0 = model.initial_state(tr.x_query)
-    state = torch.cat([state0, tr.state[t:]])
-    grad = None if tr.grad is None else torch.cat([model.signal(state0, tr.x[:t], tr.y[:t]), tr.grad[t:]])
-    out = model.predict(model.step(state, tr.x, tr.y, grad, tr.step, x_query), x_query)
+    if unroll == 1:  # every step at once, each from its stored state
+        state = torch.cat([state0, tr.state[t:]])
+        grad = None if tr.grad is None else torch.cat([model.signal(state0, tr.x[:t], tr.y[:t]), tr.grad[t:]])
+        out = model.predict(model.step(state, tr.x, tr.y, grad, tr.step, x_query), x_query)
+    else:
+        out = torch.cat(list(unrolled_outputs(model, tr, state0, unroll)))
     per_row = model.family.loss(out, y_query)
     num, den = model.family.error_terms(out.detach(), y_query)
     return per_row.view(k, t).sum(1), torch.stack([num, den]).view(2, k, t).sum(2)
+
+
+def unrolled_outputs(model: IterativeModel, tr: Transitions, state0: torch.Tensor, unroll: int):
+    """f's query outputs after each step, step by step: a block of `unroll` steps starts from its stored
+    state (the live initial state for the first) and runs on from the live output of the step before it,
+    with the gradient signal taken at that live state (as data: first order, no second derivatives)."""
+    t = tr.num_tasks
+    state = None
+    for i in range(tr.num_steps):
+        rows = slice(i * t, (i + 1) * t)
+        x, y = tr.x[rows], tr.y[rows]
+        if i == 0:
+            state, grad = state0, None if tr.grad is None else model.signal(state0, x, y)
+        elif i % unroll == 0:
+            state, grad = tr.state[rows], None if tr.grad is None else tr.grad[rows]
+        else:
+            grad = None if tr.grad is None else model.signal(state, x, y)
+        state = model.step(state, x, y, grad, tr.step[rows], tr.x_query)
+        yield model.predict(state, tr.x_query)
 
 
 class GreedyObjective(torch.nn.Module):
     """greedy_terms as a module's forward, so DistributedDataParallel can wrap it (DDP synchronises gradients
     of what runs through forward; the refiner itself has several entry points)."""
 
-    def __init__(self, model: IterativeModel):
+    def __init__(self, model: IterativeModel, unroll: int = 1):
         super().__init__()
-        self.model = model
+        self.model, self.unroll = model, unroll
 
     def forward(self, tr: Transitions) -> tuple[torch.Tensor, torch.Tensor]:
-        return greedy_terms(self.model, tr)
+        return greedy_terms(self.model, tr, self.unroll)
 
 
 def world_size() -> int:
@@ -170,7 +194,7 @@ class Learner:
             self.model.refiner.compile()  # in place: state_dict keys (and checkpoints) stay the same
         self.world = world_size()
         self.rank = dist.get_rank() if self.world > 1 else 0
-        self.objective: torch.nn.Module = GreedyObjective(self.model)
+        self.objective: torch.nn.Module = GreedyObjective(self.model, tc.unroll)
         if self.world > 1:
             self.objective = torch.nn.parallel.DistributedDataParallel(
                 self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None

@@ -179,6 +179,37 @@ def test_the_loss_after_step_i_sends_no_gradient_into_earlier_steps(tiny_cfg, ki
         assert torch.all(per_row[[j for j in range(3) if j != i]] == 0)
 
 
+@pytest.mark.parametrize("kind,signal", REGIMES)
+def test_unroll_backpropagates_through_each_block_of_steps(tiny_cfg, kind, signal):
+    """train.unroll=2 over K=3: steps 0-1 run live from the initial state, step 2 from its stored state. The
+    forward values are greedy's (the same weights rolled the states out); the losses after steps 1 and 2
+    reach the refiner through one more step than greedy's, so the gradients differ."""
+    learner = Learner(tiny_cfg.with_overrides({"regime.kind": kind, "regime.signal": signal, "task.steps": 3}))
+    torch.nn.init.normal_(learner.model.refiner.out.weight, std=0.2)
+    tr = make_transitions(learner.model, learner.family.sample(0, torch.arange(5)))
+    tr.state.requires_grad_(True)
+    greedy, unrolled = greedy_terms(learner.model, tr), greedy_terms(learner.model, tr, unroll=2)
+    torch.testing.assert_close(unrolled[0], greedy[0], rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(unrolled[1], greedy[1], rtol=1e-4, atol=1e-6)
+    for i, sources in ((0, ()), (1, ()), (2, (2,))):  # the stored-state rows each loss reads
+        (g,) = torch.autograd.grad(unrolled[0][i], tr.state, retain_graph=True)
+        per_row = g.flatten(1).abs().sum(1).view(3, 5)
+        assert [j for j in range(3) if torch.all(per_row[j] > 0)] == list(sources), i
+        assert torch.all(per_row[[j for j in range(3) if j not in sources]] == 0)
+    weights = [p for p in learner.model.refiner.parameters()]
+    g_greedy = torch.autograd.grad(greedy[0][1], weights, retain_graph=True, allow_unused=True)
+    g_unrolled = torch.autograd.grad(unrolled[0][1], weights, retain_graph=True, allow_unused=True)
+    assert any(a is not None and not torch.allclose(a, b) for a, b in zip(g_greedy, g_unrolled))
+
+
+def test_an_unrolled_model_learns_to_refine(tiny_cfg):
+    cfg = tiny_cfg.with_overrides({"task.steps": 5, "train.max_steps": 150, "train.lr": 3e-3, "train.unroll": 5})
+    learner, _ = quiet_train(cfg, None)
+    ep = learner.family.sample(cfg.eval.seed, torch.arange(256))
+    err = [float(t[0].sum() / t[1].sum()) for t in refine(learner.model, ep)]
+    assert err[5] < err[1] < err[0] and err[5] < 0.5 * err[1]
+
+
 def test_step_zero_rows_learn_from_the_live_initial_state_and_its_own_gradient(tiny_cfg):
     """Transitions rolled out by older weights (an episode worker's) give step-0 rows the same loss as fresh
     ones: the learner takes the initial state and its gradient signal at its own current weights."""
