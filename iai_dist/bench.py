@@ -56,6 +56,8 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
     "linreg-paper/parametric/obs+grad+moments": ("linreg-paper", ["regime.memory=moments"]),
     "linclass/parametric/obs+grad+moments": ("linclass", ["regime.memory=moments"]),
     "mlpreg/parametric/obs+grad+moments": ("mlpreg", ["regime.memory=moments"]),
+    # non-greedy: every query loss backpropagated through the whole episode (train.unroll = K)
+    "linreg-paper/parametric/obs+grad+unroll": ("linreg-paper", ["train.unroll=10"]),
 }
 # DESIGN.md reference figures (error % after mini-batches 1 / 5 / 10), for the linreg-paper rows.
 REFERENCE = {
