@@ -10,7 +10,7 @@
     python -m iai_dist.bench memory     [--at 5,30]                    : Ray service: RSS of driver and workers over a run
     python -m iai_dist.bench chaos      [--kills 6] [--minutes 3]      : Ray service: faults injected by PID on a loopback
                                         two-node cluster vs the same job undisturbed
-    python -m iai_dist.bench adapt      --model RUN [--classifier-model RUN] : a trained refiner streaming 10^4..10^6
+    python -m iai_dist.bench adapt      [--model RUN] [--classifier-model RUN] : a trained refiner streaming 10^4..10^6
                                         points (points/s, peak memory, error) vs scikit-learn's partial_fit and batch fits
 The first five need torch only (they run on the GPU machine without Ray); the others run the Ray service.
 Image benchmarks live in bench_images.py, the estimator's in bench_adapt.py, the service's in service/bench.py; this module parses for all.

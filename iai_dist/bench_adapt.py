@@ -102,9 +102,8 @@ def _rss_mb() -> float:
 
 
 def adapt(args) -> None:
-    from iai_dist.bench import write
-
     from iai_dist.adapt import load_refiner
+    from iai_dist.bench import write
 
     models = {"regression": args.model, "classification": args.classifier_model}
     if not any(models.values()):

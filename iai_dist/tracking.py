@@ -90,25 +90,22 @@ class RunLogger:
         for start in range(0, len(batch), 1000):  # the store's limit per batch
             self._client.log_batch(self.run_id, metrics=batch[start:start + 1000])
 
+    @contextlib.contextmanager
     def system_metrics(self, node_id: str):
         """MLflow's system metrics (CPU, memory, GPU) of this machine into the run as `system/<node_id>/...`
         while the context is open (every 10 s, or MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL)."""
         if self.run_id is None:
-            return contextlib.nullcontext()
+            yield
+            return
         from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
         logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)  # not 4 INFO lines per learner
         monitor = SystemMetricsMonitor(self.run_id, node_id=node_id, tracking_uri=self.uri)
-
-        @contextlib.contextmanager
-        def sampling():
-            monitor.start()
-            try:
-                yield
-            finally:
-                monitor.finish()
-
-        return sampling()
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
 
     def __getstate__(self) -> dict:
         return {"uri": self.uri, "run_id": self.run_id, "_client": None}
