@@ -12,8 +12,12 @@
                                         two-node cluster vs the same job undisturbed
     python -m iai_dist.bench adapt      [--model RUN] [--classifier-model RUN] : a trained refiner streaming 10^4..10^6
                                         points (points/s, peak memory, error) vs scikit-learn's partial_fit and batch fits
-The first five need torch only (they run on the GPU machine without Ray); the others run the Ray service.
-Image benchmarks live in bench_images.py, the estimator's in bench_adapt.py, the service's in service/bench.py; this module parses for all.
+    python -m iai_dist.bench latent     [--presets linreg-paper,...]   : the explicit regime's floor: f_gamma with the
+                                        best latent per task (fitted), per conditioning, vs the parametric full fit
+quality, learner, scaling, transfer, sampler and latent need torch only (they run on the GPU machine without Ray);
+the others run the Ray service.
+Image benchmarks live in bench_images.py, the estimator's in bench_adapt.py, scaling in bench_scaling.py,
+the explicit regime's floor in bench_latent.py, the service's in service/bench.py; this module parses for all.
 """
 
 from __future__ import annotations
@@ -22,7 +26,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import time
@@ -36,9 +39,6 @@ from iai_dist.devices import resolve_device, uses_bf16
 from iai_dist.evaluate import evaluate, format_table, one_step_config
 from iai_dist.experience import EpisodeStream, LocalRollouts
 from iai_dist.learner import FileSink, Learner, train_in_process, train_loop
-from iai_dist.refiner import IterativeModel
-from iai_dist.rollout import refine
-from iai_dist.tasks import build_family
 
 # name -> (preset, overrides). The linreg-paper rows are the DESIGN.md reference setting.
 SETTINGS: dict[str, tuple[str, list[str]]] = {
@@ -48,6 +48,12 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
     "linreg-paper/explicit/obs": ("linreg-paper", ["regime.kind=explicit", "regime.signal=obs"]),
     "linreg-paper/explicit/grad": ("linreg-paper", ["regime.kind=explicit", "regime.signal=grad"]),
     "linreg-paper/explicit/obs+grad": ("linreg-paper", ["regime.kind=explicit"]),
+    # the paper's f_gamma(MLP([x, z])) beside the default FiLM-conditioned one
+    "linreg-paper/explicit/obs+grad+concat": ("linreg-paper", ["regime.kind=explicit", "regime.conditioning=concat"]),
+    # f_gamma auto-decoded before meta-training (regime.pretrain_steps)
+    "linreg-paper/explicit/obs+grad+pretrain": ("linreg-paper", ["regime.kind=explicit", "regime.pretrain_steps=1000"]),
+    "linreg-paper/explicit/obs+grad+pretrain+frozen": ("linreg-paper", ["regime.kind=explicit", "regime.pretrain_steps=1000",
+                                                                        "regime.f_gamma_lr_scale=0"]),
     # implicit: every query point is a token, so train and score on 16 query points per episode (not 100)
     "linreg-paper/implicit/obs": ("linreg-paper", ["regime.kind=implicit", "regime.signal=obs", "task.query_size=16"]),
     "linclass/parametric/obs+grad": ("linclass", []),
@@ -56,6 +62,10 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
     "linreg-paper/parametric/obs+grad+moments": ("linreg-paper", ["regime.memory=moments"]),
     "linclass/parametric/obs+grad+moments": ("linclass", ["regime.memory=moments"]),
     "mlpreg/parametric/obs+grad+moments": ("mlpreg", ["regime.memory=moments"]),
+    # observation statistics (regime.memory=observations): running means of [x,1][x,1]^T and [x,1] e(y)^T
+    "linreg-paper/parametric/obs+grad+observations": ("linreg-paper", ["regime.memory=observations"]),
+    "linclass/parametric/obs+grad+observations": ("linclass", ["regime.memory=observations"]),
+    "mlpreg/parametric/obs+grad+observations": ("mlpreg", ["regime.memory=observations"]),
     # non-greedy: every query loss backpropagated through the whole episode (train.unroll = K)
     "linreg-paper/parametric/obs+grad+unroll": ("linreg-paper", ["train.unroll=10"]),
 }
@@ -243,51 +253,6 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def scaling_one(mode: str, points: int, tasks: int, device: str) -> dict:
-    """One measurement in a fresh process: adapting to `points` context points, K-step vs one-step."""
-    dev = resolve_device(device)
-    base = load_config("linreg-paper")
-    b = base.task.batch_size
-    sets = ({"task.steps": points // b} if mode == "k-step" else {"task.steps": 1, "task.batch_size": points})
-    cfg = base.with_overrides(sets)
-    torch.manual_seed(0)
-    model = IterativeModel(cfg, build_family(cfg.task)).to(dev)
-    ep = model.family.sample(0, torch.arange(tasks), device=dev)
-    refine(model, ep.tasks(slice(0, 1)))  # warm up kernels
-    _sync(dev)
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    t0 = time.perf_counter()
-    refine(model, ep)
-    _sync(dev)
-    seconds = time.perf_counter() - t0
-    peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
-            else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024)
-    return {"mode": mode, "points": points, "steps": cfg.task.steps, "batch": cfg.task.batch_size, "tasks": tasks,
-            "seconds": seconds, "peak_bytes": peak, "device": str(dev)}
-
-
-def scaling(args) -> None:
-    rows = []
-    for n in (int(p) for p in args.points.split(",")):
-        for mode in ("k-step", "one-step"):
-            cmd = [sys.executable, "-m", "iai_dist.bench", "_scaling_one", mode, str(n), str(args.tasks), args.device]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                rows.append({"mode": mode, "points": n, "error": proc.stderr.strip().splitlines()[-1]})
-            else:
-                rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-            print(rows[-1], flush=True)
-    head = ("| context points | mode | steps x batch | wall time (s) | peak memory (MiB) |\n|---|---|---|---|---|")
-    lines = [f"| {r['points']} | {r['mode']} | "
-             + (f"failed: {r['error']} | | |" if "error" in r else
-                f"{r['steps']} x {r['batch']} | {r['seconds']:.3f} | {r['peak_bytes'] / 2**20:.1f} |") for r in rows]
-    note = (f"\n{args.tasks} tasks at once, linreg-paper refiner (untrained: cost does not depend on the weights). "
-            "CPU memory is the growth of the process's peak RSS during the adaptation.")
-    write(Path(args.out), "scaling", {"rows": rows}, "\n".join([head, *lines]) + note)
-
-
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m iai_dist.bench", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="bench", required=True)
@@ -324,7 +289,14 @@ def main(argv: list[str] | None = None) -> None:
     sa.add_argument("--presets", default="digits,fashion-mnist-8x8,fashion-mnist")
     sa.add_argument("--steps", type=int, default=5, help="learner steps timed per regime")
     sa.add_argument("--seconds", type=float, default=3.0, help="time the sampler alone this long")
-    for p in (q, tr, sa):
+    la = sub.add_parser("latent")
+    la.add_argument("--presets", default="linreg-paper,mlpreg,linclass")
+    la.add_argument("--conditioning", default="film,concat", help="comma-separated regime.conditioning values")
+    la.add_argument("--train-tasks", type=int, default=512, help="episodes f_gamma is auto-decoded on")
+    la.add_argument("--tasks", type=int, default=256, help="held-out episodes scored")
+    la.add_argument("--steps", type=int, default=2000)
+    la.add_argument("--lr", type=float, default=3e-3)
+    for p in (q, tr, sa, la):
         p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     r = sub.add_parser("throughput")
     r.add_argument("--preset", default="linreg-paper")
@@ -352,7 +324,7 @@ def main(argv: list[str] | None = None) -> None:
     ad.add_argument("--classifier-model", help="a trained classification refiner, for the classification rows")
     ad.add_argument("--points", default="10000,100000,1000000", help="stream lengths")
     ad.add_argument("--seed", type=int, default=0, help="the task and the mini-batch shuffle")
-    for p in (q, t, s, tr, sa, r, m, sw, ch, ad):
+    for p in (q, t, s, tr, sa, r, m, sw, ch, ad, la):
         p.add_argument("--out", default="bench_results")
     one = sub.add_parser("_scaling_one")
     one.add_argument("mode")
@@ -373,8 +345,15 @@ def main(argv: list[str] | None = None) -> None:
 
         adapt(args)
         return
-    if args.bench == "_scaling_one":
-        print(json.dumps(scaling_one(args.mode, args.points, args.tasks, args.device)))
+    if args.bench in ("scaling", "_scaling_one"):
+        from iai_dist import bench_scaling
+
+        bench_scaling.main(args)
+        return
+    if args.bench == "latent":
+        from iai_dist.bench_latent import latent
+
+        latent(args)
         return
     if args.bench == "quality" and args.one_step_minutes is None:
         args.one_step_minutes = args.minutes
@@ -390,7 +369,7 @@ def main(argv: list[str] | None = None) -> None:
 
         getattr(bench_images, args.bench)(args)
         return
-    {"quality": quality, "learner": learner, "scaling": scaling}[args.bench](args)
+    {"quality": quality, "learner": learner}[args.bench](args)
 
 
 if __name__ == "__main__":

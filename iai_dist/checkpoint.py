@@ -55,7 +55,10 @@ def read_checkpoint(path: str | Path) -> tuple[dict, ExperimentConfig]:
     if ckpt["format"] != CHECKPOINT_FORMAT:
         raise CheckpointError(f"checkpoint {str(path)!r} has format {ckpt['format']}; this version reads format "
                               f"{CHECKPOINT_FORMAT} (episodes and schedules changed): train it again under another run name")
-    return ckpt, validate(ckpt["config"], f"config in {path}")
+    config = ckpt["config"]
+    if isinstance(config.get("regime"), dict) and "conditioning" not in config["regime"]:
+        config["regime"]["conditioning"] = "concat"  # written before f_gamma had FiLM: the paper's concat
+    return ckpt, validate(config, f"config in {path}")
 
 
 def check_resumable(path: str | Path, cfg: ExperimentConfig) -> dict:

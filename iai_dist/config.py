@@ -9,7 +9,6 @@ One `ExperimentConfig` describes a whole run. It is built from a YAML preset shi
 from __future__ import annotations
 
 import copy
-import re
 import types
 import typing
 import warnings
@@ -20,11 +19,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator, model_validator
 
+from iai_dist.yaml_text import ConfigError, load_yaml, read_yaml  # ConfigError: every config check's error
+
 PRESET_PACKAGE = "iai_dist.presets"
-
-
-class ConfigError(ValueError):
-    """A config that cannot run; the message is one line meant for the user."""
 
 
 class _Section(BaseModel):
@@ -90,25 +87,32 @@ class RegimeConfig(_Section):
     model: Literal["linear", "mlp"] = "linear"  # parametric f: linear / softmax-linear, or a one-hidden-layer MLP
     hidden: PositiveInt = 32  # hidden width of the parametric MLP f, and of the explicit f_gamma
     latent_dim: PositiveInt = 32  # explicit: size of the task latent z
+    # explicit: "film" also scales f_gamma's hidden layers by (1 + A z); "concat": the paper's MLP([x, z])
+    conditioning: Literal["film", "concat"] = "film"
+    # explicit: Adam steps fitting f_gamma with a free latent per task (256 episodes) before meta-training
+    pretrain_steps: int = Field(0, ge=0)
+    f_gamma_lr_scale: float = Field(1.0, ge=0)  # explicit: f_gamma learns at train.lr x this (0: frozen)
     chunk_size: PositiveInt = 32  # a state vector is cut into tokens of this many entries
     # parametric/explicit: observation tokens also carry f's current prediction at each mini-batch point,
     # so the refiner reads residuals directly instead of multiplying x by theta across tokens
     obs_predictions: bool = True
-    # Optimizer memory (beyond the paper; learned optimizers such as VeLO feed theirs the same): "moments"
-    # carries, beside theta or z, running means of the gradient at each of `memory_decays` and a running mean
-    # of its square at the slowest one, updated by formula at every step and shown to the refiner on the state
-    # tokens. A state of theta alone forgets every earlier mini-batch, as SGD does.
-    memory: Literal["none", "moments"] = "none"
+    # Memory in the state beside theta/z, updated by formula each step (beyond the paper; VectorStateRegime):
+    # "moments": gradient moments at each of memory_decays (what learned optimizers such as VeLO read);
+    # "observations": running means of [x,1][x,1]^T and [x,1] e(y)^T, as d + 1 extra tokens (d <= 128).
+    memory: Literal["none", "moments", "observations"] = "none"
     memory_decays: tuple[float, ...] = (0.5, 0.9, 0.99)
 
     @model_validator(mode="after")
     def _implicit_has_no_gradient(self) -> "RegimeConfig":
         if self.kind == "implicit" and self.signal != "obs":
-            raise ValueError(
-                f"signal {self.signal!r} needs parameters to differentiate; the implicit regime has none, use 'obs'"
-            )
+            raise ValueError(f"signal {self.signal!r} needs parameters to differentiate; the implicit regime has none, use 'obs'")
         if self.memory == "moments" and "grad" not in self.signal:
             raise ValueError(f"memory 'moments' accumulates gradients: it needs signal grad or obs+grad, not {self.signal!r}")
+        if (self.pretrain_steps or self.f_gamma_lr_scale != 1) and self.kind != "explicit":
+            raise ValueError(f"pretrain_steps and f_gamma_lr_scale are about the explicit regime's f_gamma; "
+                             f"regime.kind is {self.kind!r}")
+        if self.memory == "observations" and self.kind == "implicit":
+            raise ValueError("memory 'observations' is for the parametric and explicit regimes, not implicit")
         if not self.memory_decays or not all(0 < b < 1 for b in self.memory_decays):
             raise ValueError(f"memory_decays: expected decays strictly between 0 and 1, got {list(self.memory_decays)}")
         return self
@@ -166,8 +170,8 @@ class EvalConfig(_Section):
     horizon: PositiveInt = 2  # refine for horizon * K steps (fresh mini-batches beyond K)
     lr_grid: tuple[float, ...] = (1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0)
     lr_select_episodes: PositiveInt = 128
-    # Train the one-step (K=1) model reading all K*B points at once for the same number of learner steps
-    # as the main model; false skips it (evaluate still uses one found beside the checkpoint).
+    # Train the one-step (K=1) model, reading all K*B points at once, for as many learner steps as the main
+    # model; false skips it (evaluate still uses one found beside the checkpoint).
     one_step: bool = True
     batch_tasks: PositiveInt = 256  # episodes evaluated at once (bounds memory)
     # Fixed held-out episodes (seed + 2) whose query error after each step is logged at every log step.
@@ -207,8 +211,8 @@ class DistributedConfig(_Section):
     staleness: int = Field(1, ge=0)
     sync_every: PositiveInt = 1  # rank 0 publishes the refiner's weights every this many learner steps
     max_failures: int = Field(3, ge=-1)  # learner failures recovered from the last checkpoint (-1: always)
-    # Restarts of a crashed episode-worker actor over the run (-1: always). Finite, so that a worker that
-    # crashes every time ends the run with its last error instead of restarting forever.
+    # Restarts of a crashed episode-worker actor over the run (-1: always); finite, so a worker that crashes
+    # every time ends the run with its last error.
     worker_restarts: int = Field(10, ge=-1)
     # A learner rank that gets no batch from its episode worker in this long stops the run (a hung worker).
     rollout_timeout_s: float = Field(600.0, gt=0)
@@ -227,6 +231,9 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _service_shape(self) -> "ExperimentConfig":
+        if self.regime.memory == "observations" and self.task.dim > 128:
+            raise ValueError(f"regime.memory 'observations' keeps (d + 1)^2 statistics per task: task.dim {self.task.dim} "
+                             "is over 128; use memory 'moments' or a smaller d")
         d = self.distributed
         if d.num_workers == 0:
             if d.episode_workers:
@@ -253,37 +260,6 @@ class ExperimentConfig(_Section):
 
 def preset_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files(PRESET_PACKAGE).iterdir() if p.name.endswith(".yaml"))
-
-
-class _YamlLoader(yaml.SafeLoader):
-    """YAML with YAML 1.2's booleans (true / false only). YAML 1.1 also reads on / off / yes / no as booleans,
-    which turned `--set train.autocast=off` into False; bool fields still take those words (pydantic reads them)."""
-
-
-_YamlLoader.yaml_implicit_resolvers = {
-    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
-    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()
-}
-_YamlLoader.add_implicit_resolver("tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"),
-                                  list("tTfF"))
-
-
-def load_yaml(text: str) -> Any:
-    return yaml.load(text, Loader=_YamlLoader)
-
-
-def read_yaml(text: str, source: str) -> dict[str, Any]:
-    try:
-        data = load_yaml(text)
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{source}:{where} is not valid YAML ({getattr(exc, 'problem', exc)})") from None
-    if data is None:
-        return {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{source}: expected a mapping of sections (task, regime, ...), got {type(data).__name__}")
-    return data
 
 
 def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:

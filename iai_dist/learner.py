@@ -159,10 +159,24 @@ def learner_step(objective: torch.nn.Module, optimizer: torch.optim.Optimizer, t
     finite = math.isfinite(grad_norm)
     if finite:
         for group in optimizer.param_groups:
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return StepStats(float(value), step_losses.tolist(), errors.tolist(), grad_norm, skipped=not finite)
+
+
+def param_groups(model: IterativeModel, cfg: ExperimentConfig) -> list[dict]:
+    """AdamW groups: weight decay on matrices (not embeddings, norms, biases, initial states), then none; where
+    regime.f_gamma_lr_scale is not 1, the explicit f_gamma's in groups of their own after those, whose
+    `lr_scale` multiplies the scheduled lr (groups without one, as in older checkpoints, have 1)."""
+    groups: dict[tuple[bool, bool], dict] = {}
+    for name, p in model.named_parameters():
+        decay = p.ndim >= 2 and "emb" not in name
+        scale = cfg.regime.f_gamma_lr_scale if name.startswith("regime.f_gamma.") else 1.0
+        group = groups.setdefault((not decay, scale != 1.0), {
+            "params": [], "weight_decay": cfg.train.weight_decay if decay else 0.0, "lr_scale": scale})
+        group["params"].append(p)
+    return [groups[key] for key in sorted(groups)]
 
 
 class Learner:
@@ -182,11 +196,7 @@ class Learner:
         self.family = build_family(cfg.task)
         self.model = IterativeModel(cfg, self.family).to(self.device)
         tc = cfg.train
-        decay = [p for n, p in self.model.named_parameters() if p.ndim >= 2 and "emb" not in n]
-        no_decay = [p for n, p in self.model.named_parameters() if not (p.ndim >= 2 and "emb" not in n)]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": tc.weight_decay}, {"params": no_decay, "weight_decay": 0.0}], lr=tc.lr
-        )
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=tc.lr)
         self.step = 0  # learner steps taken, skipped ones included
         self.skipped = 0
         self.nonfinite_in_row = 0
@@ -200,6 +210,21 @@ class Learner:
                 self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None
             )
         self._heldout: Episode | None = None
+
+    def pretrain(self) -> None:
+        """At a fresh start (never on resume): fit the explicit regime's f_gamma before meta-training
+        (regime.pretrain_steps). Every rank computes the same; rank 0's copy is made everyone's."""
+        steps = self.cfg.regime.pretrain_steps
+        if not steps:
+            return
+        start = time.perf_counter()
+        loss = self.model.regime.pretrain(self.cfg.train.seed, steps)
+        if self.world > 1:
+            for tensor in self.model.state_dict().values():
+                dist.broadcast(tensor, 0)
+        if self.rank == 0:
+            print(f"[pretrain] f_gamma auto-decoded for {steps} steps on 256 episodes: loss {loss:.4g} "
+                  f"({time.perf_counter() - start:.0f}s)", flush=True)
 
     @property
     def lr(self) -> float:
@@ -385,6 +410,8 @@ def train_in_process(
     learner = Learner(cfg, device)
     if resume_from is None and checkpoint_path is not None and checkpoint_path.exists():
         resume_from = checkpoint_path
+    if resume_from is None:
+        learner.pretrain()
     cursor = 0 if resume_from is None else resume(learner, checkpoint.check_resumable(resume_from, cfg))
     source = LocalRollouts(learner, EpisodeStream(cfg.train.tasks_per_batch, cursor=cursor))
     return learner, train_loop(learner, source, FileSink(checkpoint_path), **loop_options)

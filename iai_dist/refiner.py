@@ -52,6 +52,10 @@ class Refiner(nn.Module):
         self.state_in = nn.Linear(regime.state_feature_dim, w)
         self.obs_in = nn.Linear(obs_feature_dim, w) if regime.uses_obs else None
         self.state_pos = nn.Parameter(torch.zeros(regime.num_state_tokens, w)) if regime.num_state_tokens else None
+        self.memory_in = nn.Linear(regime.memory_feature_dim, w) if regime.num_memory_tokens else None
+        # memory tokens are rows of a statistic: their position says which row (small random start, so the
+        # rows differ from the first step on)
+        self.memory_pos = nn.Parameter(0.02 * torch.randn(regime.num_memory_tokens, w)) if regime.num_memory_tokens else None
         self.step_emb = nn.Embedding(max_steps, w)
         self.blocks = nn.ModuleList(Block(w, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.norm = nn.LayerNorm(w)
@@ -60,12 +64,16 @@ class Refiner(nn.Module):
         nn.init.zeros_(self.out.bias)
         self.see_each_other = regime.state_tokens_see_each_other
 
-    def forward(self, state_tokens: torch.Tensor, obs_tokens: torch.Tensor | None, step: torch.Tensor) -> torch.Tensor:
-        """state_tokens [N, S, fs], obs_tokens [N, B, fo] or None, step [N] -> updates [N, S, update_dim]."""
+    def forward(self, state_tokens: torch.Tensor, obs_tokens: torch.Tensor | None, step: torch.Tensor,
+                memory_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """state_tokens [N, S, fs], obs_tokens [N, B, fo] or None, step [N], memory_tokens [N, M, fm] or None
+        -> updates [N, S, update_dim] (read off the state tokens only)."""
         h = self.state_in(state_tokens)
         if self.state_pos is not None:
             h = h + self.state_pos
         num_state = h.shape[1]
+        if memory_tokens is not None:
+            h = torch.cat([h, self.memory_in(memory_tokens) + self.memory_pos], 1)
         if obs_tokens is not None:
             h = torch.cat([h, self.obs_in(obs_tokens)], 1)
         h = h + self.step_emb(step.clamp(max=self.step_emb.num_embeddings - 1)).unsqueeze(1)
@@ -115,15 +123,14 @@ class IterativeModel(nn.Module):
         x_query: torch.Tensor,
     ) -> torch.Tensor:
         """One refinement step for N = tasks (or tasks x steps) rows at once."""
-        if grad is not None:
-            state = self.regime.remember(state, grad)
+        state = self.regime.remember(state, grad, x, y)
         obs = None
         if self.regime.uses_obs:
             parts = [x, self.family.encode_targets(y)]
             if self.obs_predictions:
                 parts.append(self.family.encode_predictions(self.regime.predict(state, x)))
             obs = torch.cat(parts, -1)
-        tokens = self.regime.state_tokens(state, grad, x_query)
+        tokens, memory = self.regime.state_tokens(state, grad, x_query), self.regime.memory_tokens(state)
         with torch.autocast(state.device.type, dtype=torch.bfloat16, enabled=uses_bf16(self.autocast, state.device)):
-            update = self.refiner(tokens, obs, step)
+            update = self.refiner(tokens, obs, step, memory)
         return self.regime.apply_update(state, update.float())

@@ -91,6 +91,32 @@ def markdown_table(rows: list[TrialRow], metric: str) -> str:
     failed = [r for r in rows if r.error]
     if failed:
         lines += ["", *[f"- {r.trial} failed: {r.error}" for r in failed]]
+    seeds = seed_table(rows, metric)
+    return "\n".join(lines) + (f"\n\n{seeds}" if seeds else "")
+
+
+def seed_table(rows: list[TrialRow], metric: str, seed_key: str = "train.seed") -> str:
+    """Where the sweep varies the seed: one line per setting of everything else, mean +- standard deviation
+    over its finished seeds of the error after each step ('' when the seed is not swept)."""
+    finished = [r for r in rows if r.status == "finished" and r.final is not None and seed_key in r.params]
+    if len({r.params[seed_key] for r in finished}) < 2:
+        return ""
+    groups: dict[tuple, list[TrialRow]] = defaultdict(list)
+    for r in finished:
+        groups[(r.steps, *((k, _fmt(v)) for k, v in r.params.items() if k != seed_key))].append(r)
+    keys = _keys(finished, but=("task.steps", seed_key))
+    columns = sorted({s for r in finished for s in report_steps(r.steps, r.steps)})
+    head = [*[k.rsplit(".", 1)[-1] for k in keys], "K", "seeds", *[f"step {s}" for s in columns]]
+    lines = [f"{metric}, mean +- standard deviation over seeds ({seed_key}; finished trials only)", "",
+             "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for group in sorted(groups.values(), key=lambda g: sum(r.final for r in g) / len(g)):
+        cells = [_fmt(group[0].params.get(k, "")) for k in keys] + [str(group[0].steps), str(len(group))]
+        for s in columns:
+            values = [r.errors[s - 1] for r in group if s <= len(r.errors)]
+            mean = sum(values) / len(values)
+            sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
+            cells.append(f"{format_error(mean)} +- {format_error(sd)}")
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 

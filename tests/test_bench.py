@@ -1,6 +1,7 @@
 """The benchmarks run end to end at toy sizes and write what they print."""
 
 import json
+import math
 
 from iai_dist import bench
 
@@ -43,3 +44,13 @@ def test_service_throughput_bench_compares_modes_at_equal_wall_clock(ray_local, 
         errors = q["error_by_step"]
         assert len(errors) == 4 and errors[3] < errors[2] < errors[1] < errors[0]
     assert "x (a) at step 3" in (tmp_path / "throughput.md").read_text()
+
+
+def test_latent_bench_fits_the_best_latent_per_task_for_each_conditioning(tmp_path):
+    bench.main(["latent", "--presets", "tiny", "--train-tasks", "16", "--tasks", "8", "--steps", "200", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "latent.json").read_text())["rows"]["tiny"]
+    assert set(rows) == {"film", "concat", "full_fit"}
+    for mode in ("film", "concat"):  # fitted latents explain the context far better than predicting zero (100%)
+        assert rows[mode]["context"] < 50 and math.isfinite(rows[mode]["query"])
+    assert 0 < rows["full_fit"] < 10  # tiny: d=4, 12 points, noise 0.01: least squares is nearly exact
+    assert "f_gamma film" in (tmp_path / "latent.md").read_text()

@@ -1,5 +1,6 @@
 """The in-process learner: the greedy objective, exact resume, the resume rules, skipped steps, checkpoints."""
 
+import copy
 import math
 
 import pytest
@@ -9,6 +10,7 @@ from iai_dist import checkpoint
 from iai_dist.checkpoint import CheckpointError, read_checkpoint
 from iai_dist.experience import EpisodeStream, LocalRollouts
 from iai_dist.learner import Learner, TrainingDiverged, greedy_terms, lr_multiplier, train_in_process
+from iai_dist.regimes.explicit import auto_decode
 from iai_dist.rollout import make_transitions, refine
 
 
@@ -88,6 +90,22 @@ def test_checkpoints_load_weights_only_and_bad_ones_are_clear_errors(tiny_cfg, t
         read_checkpoint(tmp_path / "missing.pt")
 
 
+def test_an_explicit_checkpoint_from_before_film_reads_as_concat_and_loads(tiny_cfg, tmp_path):
+    """Configs written before regime.conditioning existed had the paper's concat f_gamma: reading one gives
+    conditioning=concat, so its weights load into the model that config builds."""
+    path = tmp_path / "old.pt"
+    cfg = tiny_cfg.with_overrides({"train.max_steps": 2, "regime.kind": "explicit", "regime.conditioning": "concat"})
+    quiet_train(cfg, path)
+    ckpt = torch.load(path, weights_only=True)
+    del ckpt["config"]["regime"]["conditioning"]
+    torch.save(ckpt, path)
+    ckpt, saved = read_checkpoint(path)
+    assert saved.regime.conditioning == "concat"
+    Learner(saved).model.load_state_dict(ckpt["model"])  # strict: every key matches
+    with pytest.raises(RuntimeError, match="z_scale"):
+        Learner(saved.with_overrides({"regime.conditioning": "film"})).model.load_state_dict(ckpt["model"])
+
+
 def _poison(learner):
     sample = learner.family.sample
 
@@ -122,7 +140,7 @@ def test_nonfinite_steps_are_skipped_still_move_the_schedule_then_stop_the_run(t
     assert learner.skipped == 4 and learner.step == 5
 
 
-@pytest.mark.parametrize("memory", ["none", "moments"])
+@pytest.mark.parametrize("memory", ["none", "moments", "observations"])
 def test_a_tiny_model_learns_to_refine(tiny_cfg, memory):
     cfg = tiny_cfg.with_overrides({"task.steps": 5, "train.max_steps": 150, "train.lr": 3e-3, "regime.memory": memory})
     learner, _ = quiet_train(cfg, None)
@@ -221,3 +239,47 @@ def test_step_zero_rows_learn_from_the_live_initial_state_and_its_own_gradient(t
     stale, fresh = make_transitions(old.model, ep), make_transitions(new.model, ep)
     assert not torch.equal(stale.grad[:8], fresh.grad[:8])
     torch.testing.assert_close(greedy_terms(new.model, stale)[0][0], greedy_terms(new.model, fresh)[0][0])
+
+
+def test_explicit_pretraining_fits_f_gamma_on_fresh_starts_only(tiny_cfg, tmp_path, capsys):
+    """regime.pretrain_steps: f_gamma is auto-decoded before the first learner step, which gives it a latent
+    space where new tasks fit far better than in an untrained one (z0 is the whitened latents' mean, zero); a
+    resumed run keeps its checkpoint's weights."""
+    cfg = tiny_cfg.with_overrides({"regime.kind": "explicit", "regime.pretrain_steps": 200, "train.max_steps": 2})
+    learner = Learner(cfg)
+    regime, family = learner.model.regime, learner.family
+    untrained = copy.deepcopy(regime.f_gamma)
+    learner.pretrain()
+    assert "[pretrain] f_gamma auto-decoded for 200 steps" in capsys.readouterr().out
+    assert torch.equal(regime.z0, torch.zeros_like(regime.z0))
+    ep = family.sample(7, torch.arange(64))  # tasks pretraining never saw: fit latents only, 30 steps each way
+    x, y = ep.context()
+    losses = []
+    for f_gamma in (untrained, regime.f_gamma):
+        f_gamma = copy.deepcopy(f_gamma).requires_grad_(False)
+        losses.append(auto_decode(f_gamma, family, x, y, 30, lr=0.1)[1])
+    assert losses[1] < 0.5 * losses[0]
+    path = tmp_path / "c.pt"
+    quiet_train(cfg, path)
+    assert "[pretrain]" in capsys.readouterr().out
+    quiet_train(cfg.with_overrides({"train.max_steps": 4}), path)
+    assert "[pretrain]" not in capsys.readouterr().out
+    with pytest.raises(ValueError, match="are about the explicit regime.s f_gamma"):
+        tiny_cfg.with_overrides({"regime.pretrain_steps": 10})
+
+
+def test_f_gamma_learns_at_its_own_rate_and_a_frozen_one_stays_put(tiny_cfg):
+    cfg = tiny_cfg.with_overrides({"regime.kind": "explicit", "regime.f_gamma_lr_scale": 0.0})
+    learner = Learner(cfg)
+    f_gamma = [p for n, p in learner.model.named_parameters() if n.startswith("regime.f_gamma.")]
+    groups = learner.optimizer.param_groups
+    assert [g["lr_scale"] for g in groups] == [1.0, 0.0, 1.0, 0.0]
+    assert {id(p) for g in groups if g["lr_scale"] == 0 for p in g["params"]} == {id(p) for p in f_gamma}
+    before = [p.detach().clone() for p in learner.model.parameters()]
+    source = LocalRollouts(learner, EpisodeStream(32))
+    for step in range(2):
+        learner.learn(source.next(step)[0])
+    moved = {n for (n, p), b in zip(learner.model.named_parameters(), before) if not torch.equal(p, b)}
+    assert moved and not any(n.startswith("regime.f_gamma.") for n in moved) and "regime.z0" in moved
+    default = Learner(tiny_cfg).optimizer.param_groups  # the decay and no-decay groups of older checkpoints
+    assert [(g["weight_decay"] > 0, g["lr_scale"]) for g in default] == [(True, 1.0), (False, 1.0)]

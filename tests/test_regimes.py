@@ -121,7 +121,7 @@ def test_optimizer_memory_carries_adams_bias_corrected_moments(kind):
     assert state.shape == (n, p + 3 * (p + 1)) and torch.equal(state[:, p:], torch.zeros(n, 3 * (p + 1)))
     grads = [torch.randn(n, p) for _ in range(3)]
     for g in grads:
-        state = r.remember(state, g)
+        state = r.remember(state, g, *ep.minibatch(0))
     means, weights = r._memory(state)
     for j, b in enumerate([*decays, max(decays)]):
         adam = torch.zeros(n, p)
@@ -137,7 +137,7 @@ def test_optimizer_memory_carries_adams_bias_corrected_moments(kind):
     assert tokens.shape == (n, r.num_state_tokens, r.chunk * (3 + 2 * len(decays) + 1)) and torch.isfinite(tokens).all()
     # a step: the zero-initialised refiner leaves theta/z alone; the memory takes in this step's gradient
     new = m.step(state, x, y, grad, torch.zeros(n, dtype=torch.long), ep.x_query)
-    assert torch.equal(new[:, :p], state[:, :p]) and torch.equal(new, r.remember(state, grad))
+    assert torch.equal(new[:, :p], state[:, :p]) and torch.equal(new, r.remember(state, grad, x, y))
 
 
 def test_memory_needs_the_gradient_signal():
@@ -145,3 +145,76 @@ def test_memory_needs_the_gradient_signal():
         load_config("tiny", overrides=["regime.memory=moments", "regime.signal=obs"])
     with pytest.raises(ConfigError, match="memory_decays: expected decays strictly between 0 and 1"):
         load_config("tiny", overrides=["regime.memory=moments", "regime.memory_decays=[0.9, 1.0]"])
+
+
+def test_film_f_gamma_starts_as_the_papers_concat_and_scales_hidden_layers_by_z():
+    """conditioning=film: at initialisation f_gamma computes exactly concat's function; once its scales move,
+    z multiplies hidden activations (the output is no longer a function of x_in(x) + z_in(z) alone)."""
+    from iai_dist.regimes.explicit import LatentPredictor
+
+    torch.manual_seed(0)
+    concat, film = LatentPredictor(3, 4, 8, 2, "concat"), LatentPredictor(3, 4, 8, 2, "film")
+    assert concat.z_scale is None
+    missing = film.load_state_dict(concat.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["z_scale.bias", "z_scale.weight"]
+    z, x = torch.randn(5, 4), torch.randn(5, 6, 3)
+    torch.testing.assert_close(film(z, x), concat(z, x))
+    torch.nn.init.normal_(film.z_scale.weight)
+    assert not torch.allclose(film(z, x), concat(z, x), atol=1e-3)
+    cfg, _, m = build("linear_regression", "explicit", "obs+grad", "linear")
+    assert cfg.regime.conditioning == "film" and m.regime.f_gamma.z_scale is not None
+
+
+@pytest.mark.parametrize("family,kind", [("linear_regression", "parametric"), ("linear_classification", "explicit")])
+def test_observation_memory_carries_the_running_statistics_of_every_point_seen(family, kind):
+    """memory=observations: the state carries the means of [x,1][x,1]^T and [x,1] e(y)^T over all points so far
+    (exact running means), shown to the refiner as d + 1 memory tokens; theta/z and predictions are unchanged."""
+    cfg, fam, m = build(family, kind, "obs+grad", "linear", **{"regime.memory": "observations"})
+    r, n, a, o = m.regime, 4, fam.x_dim + 1, fam.out_dim
+    ep = fam.sample(0, torch.arange(n))
+    state = m.initial_state(ep.x_query)
+    assert state.shape == (n, r.state_dim + a * (a + o) + 1)
+    for i in range(2):
+        x, y = ep.minibatch(i)
+        state = m.step(state, x, y, m.signal(state, x, y), torch.full((n,), i), ep.x_query)
+    x, y = ep.context(2)
+    xa = torch.cat([x, torch.ones_like(x[..., :1])], -1)
+    xx, xy, count = r._statistics(state)
+    torch.testing.assert_close(xx, xa.transpose(1, 2) @ xa / x.shape[1])
+    torch.testing.assert_close(xy, xa.transpose(1, 2) @ fam.encode_targets(y) / x.shape[1])
+    assert torch.equal(count, torch.full((n, 1), 2.0 * cfg.task.batch_size))
+    torch.testing.assert_close(m.predict(state, ep.x_query), m.predict(r.with_memory(r.params(state)), ep.x_query))
+    tokens = r.memory_tokens(state)
+    assert tokens.shape == (n, a, a + o + 1) and r.num_memory_tokens == a
+    # the refiner reads them: other statistics, another update (once its output layer is not zero)
+    torch.nn.init.normal_(m.refiner.out.weight)
+    grad = m.signal(state, *ep.minibatch(2))
+    step = torch.full((n,), 2)
+    other = torch.cat([state[:, : r.state_dim], 2 * state[:, r.state_dim : -1], state[:, -1:]], 1)
+    assert not torch.allclose(m.step(state, *ep.minibatch(2), grad, step, ep.x_query)[:, : r.state_dim],
+                              m.step(other, *ep.minibatch(2), grad, step, ep.x_query)[:, : r.state_dim])
+
+
+def test_observation_memory_is_refused_where_it_cannot_work():
+    with pytest.raises(ConfigError, match="parametric and explicit"):
+        load_config("tiny", overrides=["regime.kind=implicit", "regime.signal=obs", "regime.memory=observations"])
+    with pytest.raises(ConfigError, match="task.dim 200 is over 128"):
+        load_config("tiny", overrides=["task.dim=200", "regime.memory=observations"])
+
+
+@pytest.mark.parametrize("conditioning", ["film", "concat"])
+def test_whitening_f_gamma_keeps_its_function_in_standardised_latents(conditioning):
+    from iai_dist.regimes.explicit import LatentPredictor
+
+    torch.manual_seed(0)
+    f = LatentPredictor(3, 4, 8, 1, conditioning)
+    if f.z_scale is not None:
+        torch.nn.init.normal_(f.z_scale.weight)
+    z = torch.randn(50, 4) @ torch.randn(4, 4) + 3.0  # correlated, off-centre latents
+    x = torch.randn(50, 6, 3)
+    before = f(z, x)
+    f.whiten(z)
+    evals, evecs = torch.linalg.eigh(torch.cov(z.T))
+    z_white = (z - z.mean(0)) @ evecs @ torch.diag(evals.rsqrt()) @ evecs.T  # S^-1/2 (z - mean)
+    torch.testing.assert_close(torch.cov(z_white.T), torch.eye(4), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(f(z_white, x), before, rtol=1e-4, atol=1e-4)  # the same function

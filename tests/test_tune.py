@@ -19,6 +19,7 @@ from ray import cloudpickle
 from iai_dist import tune
 from iai_dist.config import ConfigError
 from iai_dist.search_space import load_space, trial_overrides
+from iai_dist.sweep_report import TrialRow, markdown_table, seed_table
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the hook below runs inside the trials
 
@@ -313,3 +314,20 @@ def _wait_http(url: str, process: subprocess.Popen, timeout: float) -> None:
         except OSError:
             time.sleep(1)
     raise AssertionError(f"the MLflow UI did not answer on {url} within {timeout:.0f} s")
+
+
+def test_a_sweep_over_seeds_reports_mean_and_spread_per_setting():
+    def row(trial, seed, signal, errors, status="finished"):
+        return TrialRow(trial, status, {"regime.signal": signal, "train.seed": seed}, 2, ("parametric", signal), 10,
+                        errors, "evaluation", None, Path("."), None)
+
+    rows = [row("a", 0, "obs", [50.0, 4.0]), row("b", 1, "obs", [54.0, 6.0]), row("c", 2, "obs", [52.0, 5.0]),
+            row("d", 0, "grad", [60.0, 9.0]), row("e", 1, "grad", [70.0, 11.0]),
+            row("f", 2, "grad", [99.0], status="stopped early")]
+    table = seed_table(rows, "error %")
+    lines = [line for line in table.splitlines() if line.startswith("| ")]
+    assert lines[0] == "| signal | K | seeds | step 1 | step 2 |"
+    assert lines[1] == "| obs | 2 | 3 | 52.0 +- 2 | 5 +- 1 |"  # best first; sample sd
+    assert lines[2] == "| grad | 2 | 2 | 65.0 +- 7.07 | 10.0 +- 1.41 |"  # the stopped trial is not averaged
+    assert table in markdown_table(rows, "error %")
+    assert seed_table([r for r in rows if r.params["train.seed"] == 0], "error %") == ""  # one seed: no table

@@ -23,6 +23,8 @@ class Regime(nn.Module):
     num_state_tokens: int | None = None  # None: a set (no position embeddings)
     state_feature_dim: int
     update_dim: int
+    num_memory_tokens = 0  # read-only tokens a memory adds (observation statistics), after the state tokens
+    memory_feature_dim = 0
 
     def __init__(self, family: TaskFamily, cfg: RegimeConfig):
         super().__init__()
@@ -47,9 +49,13 @@ class Regime(nn.Module):
     def apply_update(self, state: torch.Tensor, update: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def remember(self, state: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
-        """The state with this step's gradient taken into its memory (a regime without memory: unchanged)."""
+    def remember(self, state: torch.Tensor, grad: torch.Tensor | None, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """The state with this step's mini-batch (and gradient) taken into its memory (without memory: unchanged)."""
         return state
+
+    def memory_tokens(self, state: torch.Tensor) -> torch.Tensor | None:
+        """[N, num_memory_tokens, memory_feature_dim], or None for a regime without memory tokens."""
+        return None
 
 
 class VectorStateRegime(Regime):
@@ -64,11 +70,20 @@ class VectorStateRegime(Regime):
     running mean of 1 at each decay, so m_j / w_j is the bias-corrected mean (Adam's correction, without a
     step counter: it holds past K). Each chunk token then also carries, per decay, [m_j, m_j / sqrt(s)] (the
     latter Adam's per-coordinate step direction) and sqrt(s).
+
+    With memory "observations" the state row is [v | C_xx | C_xy | n]: with x~ = [x, 1] and e(y) the encoded
+    target, C_xx is the mean of x~ x~^T and C_xy that of x~ e(y)^T over all n points seen so far (for linear
+    regression these are sufficient: the posterior mean is a function of them). They reach the refiner as
+    d + 1 read-only memory tokens, token i = [row i of C_xx, row i of C_xy, log(1 + n)].
     """
 
     def _setup_tokens(self, state_dim: int) -> None:
         self.state_dim = state_dim
         self.decays = tuple(self.cfg.memory_decays) if self.cfg.memory == "moments" else ()
+        self.observes = self.cfg.memory == "observations"
+        if self.observes:
+            a, o = self.family.x_dim + 1, self.family.out_dim
+            self.num_memory_tokens, self.memory_feature_dim = a, a + o + 1
         self.chunk = min(self.cfg.chunk_size, state_dim)
         self.num_state_tokens = math.ceil(state_dim / self.chunk)
         memory_feats = 2 * len(self.decays) + 1 if self.decays else 0
@@ -82,16 +97,33 @@ class VectorStateRegime(Regime):
         return state[:, : self.state_dim]
 
     def with_memory(self, v: torch.Tensor) -> torch.Tensor:
-        """An initial state: v with empty memory (zero means and zero weights)."""
-        if not self.decays:
-            return v
-        return torch.cat([v, v.new_zeros(v.shape[0], (len(self.decays) + 1) * (self.state_dim + 1))], 1)
+        """An initial state: v with empty memory (zero means, weights and counts)."""
+        if self.decays:
+            return torch.cat([v, v.new_zeros(v.shape[0], (len(self.decays) + 1) * (self.state_dim + 1))], 1)
+        if self.observes:
+            a = self.num_memory_tokens
+            return torch.cat([v, v.new_zeros(v.shape[0], a * (a + self.family.out_dim) + 1)], 1)
+        return v
+
+    def _statistics(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """C_xx [N, a, a], C_xy [N, a, o] and n [N, 1] of an "observations" memory."""
+        n, a, o = state.shape[0], self.num_memory_tokens, self.family.out_dim
+        xx, xy, count = state[:, self.state_dim :].split([a * a, a * o, 1], 1)
+        return xx.view(n, a, a), xy.view(n, a, o), count
 
     def _memory(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         n, p, slots = state.shape[0], self.state_dim, len(self.decays) + 1
         return state[:, p : p + slots * p].view(n, slots, p), state[:, p + slots * p :]
 
-    def remember(self, state, grad):
+    def remember(self, state, grad, x, y):
+        if self.observes:
+            xx, xy, count = self._statistics(state)
+            xa = torch.cat([x, torch.ones_like(x[..., :1])], -1)
+            b = x.shape[1]
+            frac = (b / (count + b)).unsqueeze(-1)  # running means over every point seen
+            xx = xx + frac * (xa.transpose(1, 2) @ xa / b - xx)
+            xy = xy + frac * (xa.transpose(1, 2) @ self.family.encode_targets(y).to(xa.dtype) / b - xy)
+            return torch.cat([self.params(state), xx.flatten(1), xy.flatten(1), count + b], 1)
         if not self.decays:
             return state
         means, weights = self._memory(state)
@@ -120,6 +152,12 @@ class VectorStateRegime(Regime):
             feats.append(self._chunks(root))
         return torch.cat(feats, -1)
 
+    def memory_tokens(self, state):
+        if not self.observes:
+            return None
+        xx, xy, count = self._statistics(state)
+        return torch.cat([xx, xy, torch.log1p(count).unsqueeze(1).expand(-1, xx.shape[1], 1)], -1)
+
     def apply_update(self, state, update):
         v = self.params(state) + update.flatten(1)[:, : self.state_dim]
-        return v if not self.decays else torch.cat([v, state[:, self.state_dim :]], 1)
+        return torch.cat([v, state[:, self.state_dim :]], 1) if state.shape[1] > self.state_dim else v

@@ -39,6 +39,8 @@ def learner_loop(config: dict) -> dict:
     if ckpt is not None:
         cursor = resume(learner, ckpt)
         window = dict(ckpt.get("experience", {}).get("published", {}))
+    else:
+        learner.pretrain()
     if not window:  # a fresh start, or a checkpoint of the in-process path: publish the weights at hand
         window = {learner.step: {k: t.detach().to("cpu", copy=True) for k, t in learner.model.state_dict().items()}}
     schedule = VersionSchedule(d.staleness, d.sync_every, learner.step, list(window))
