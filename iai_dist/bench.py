@@ -157,12 +157,12 @@ def learner_rate(cfg: ExperimentConfig, device: torch.device, warmup: int, steps
     steps on CUDA (None elsewhere: a CPU process's peak RSS does not come down between settings)."""
     learner = Learner(cfg.with_overrides({"train.max_steps": 10**9, "train.log_every": 10**9}), device)
     steps_in_process(learner, warmup)
-    _sync(device)
+    sync_device(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     steps_in_process(learner, steps)
-    _sync(device)
+    sync_device(device)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return steps / (time.perf_counter() - t0), peak
 
@@ -248,7 +248,7 @@ def side_by_side(args, device: torch.device) -> dict:
             "rates": rates, "this": this, "base": base, "ratio": this / base}
 
 
-def _sync(device: torch.device) -> None:
+def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from iai_dist.bench import _sync, write
+from iai_dist.bench import sync_device, write
 from iai_dist.config import load_config
 from iai_dist.devices import resolve_device
 from iai_dist.refiner import IterativeModel
@@ -30,13 +30,13 @@ def scaling_one(mode: str, points: int, tasks: int, device: str) -> dict:
     model = IterativeModel(cfg, build_family(cfg.task)).to(dev)
     ep = model.family.sample(0, torch.arange(tasks), device=dev)
     refine(model, ep.tasks(slice(0, 1)))  # warm up kernels
-    _sync(dev)
+    sync_device(dev)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     rss0 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     t0 = time.perf_counter()
     refine(model, ep)
-    _sync(dev)
+    sync_device(dev)
     seconds = time.perf_counter() - t0
     peak = (torch.cuda.max_memory_allocated() if dev.type == "cuda"
             else (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss0) * 1024)
