@@ -113,6 +113,9 @@ def seed_table(rows: list[TrialRow], metric: str, seed_key: str = "train.seed") 
         cells = [_fmt(group[0].params.get(k, "")) for k in keys] + [str(group[0].steps), str(len(group))]
         for s in columns:
             values = [r.errors[s - 1] for r in group if s <= len(r.errors)]
+            if not values:  # a step past this group's K
+                cells.append("")
+                continue
             mean = sum(values) / len(values)
             sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else 0.0
             cells.append(f"{format_error(mean)} +- {format_error(sd)}")

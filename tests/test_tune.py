@@ -331,3 +331,6 @@ def test_a_sweep_over_seeds_reports_mean_and_spread_per_setting():
     assert lines[2] == "| grad | 2 | 2 | 65.0 +- 7.07 | 10.0 +- 1.41 |"  # the stopped trial is not averaged
     assert table in markdown_table(rows, "error %")
     assert seed_table([r for r in rows if r.params["train.seed"] == 0], "error %") == ""  # one seed: no table
+    longer = [TrialRow(f"k{seed}", "finished", {"task.steps": 5, "train.seed": seed}, 5, ("parametric", "obs"), 10,
+                       [50.0, 20.0, 10.0, 5.0, 1.0 + seed], "evaluation", None, Path("."), None) for seed in (0, 1)]
+    assert "| 5 | 2 | 50.0 +- 0 | 20.0 +- 0 | 1.5 +- 0.707 |" in seed_table(longer + rows, "error %")  # K=2 rows: no step 5
