@@ -21,18 +21,16 @@ from iai_dist.regimes.explicit import LatentPredictor, auto_decode
 from iai_dist.tasks import build_family
 
 
-def best_latent_error(cfg, conditioning: str, train_tasks: int, tasks: int, steps: int, lr: float) -> dict:
-    """f_gamma auto-decoded on `train_tasks` training episodes (all their points), then frozen; on `tasks`
-    held-out episodes only latents are fitted, to their context points. Error % on their context and query."""
+def best_latent_error(cfg, family, ep, conditioning: str, train_tasks: int, steps: int, lr: float) -> dict:
+    """f_gamma auto-decoded on `train_tasks` training episodes (all their points), then frozen; on the held-out
+    episodes `ep` only latents are fitted, to their context points. Error % on their context and query."""
     torch.manual_seed(0)
-    family = build_family(cfg.task)
     f_gamma = LatentPredictor(family.x_dim, cfg.regime.latent_dim, cfg.regime.hidden, family.out_dim, conditioning)
     train = family.sample(cfg.train.seed, torch.arange(train_tasks))
     x, y = train.context()
     start = time.perf_counter()
     auto_decode(f_gamma, family, torch.cat([x, train.x_query], 1), torch.cat([y, train.y_query], 1), steps, lr)
     f_gamma.requires_grad_(False)
-    ep = family.sample(cfg.eval.seed, torch.arange(tasks), split="test")
     x, y = ep.context()
     z, _ = auto_decode(f_gamma, family, x, y, steps, 10 * lr)  # the latents alone
     with torch.no_grad():
@@ -51,7 +49,7 @@ def latent(args) -> None:
         full = 100.0 * float(num.sum() / den.sum())
         rows[preset] = {"full_fit": full}
         for mode in modes:
-            rows[preset][mode] = best_latent_error(cfg, mode, args.train_tasks, args.tasks, args.steps, args.lr)
+            rows[preset][mode] = best_latent_error(cfg, family, ep, mode, args.train_tasks, args.steps, args.lr)
             print(f"{preset} {mode}: {rows[preset][mode]}", flush=True)
         cells = " | ".join(f"{rows[preset][m]['query']:.3g} ({rows[preset][m]['context']:.3g})" for m in modes)
         lines.append(f"| {preset} | {cells} | {full:.3g} |")

@@ -1,13 +1,8 @@
-"""The greedy learner: its objective, its step, its state, and the one loop that every path runs.
+"""The greedy learner: its step, its state, and the one loop that every path runs.
 
-Read top to bottom:
-- greedy_terms: the query losses after each refinement step of a batch of transitions. Each transition's
-  incoming state is data (rolled out under no_grad), so the loss after step i sends no gradient through steps
-  0..i-1: the greedy objective of DESIGN.md. Only the learned initial state, which no step produced, is live.
-  With train.unroll = n > 1 the states inside each block of n steps are recomputed live, so a loss reaches
-  back through up to n - 1 earlier steps (the paper's open question on non-greedy training).
-- learner_step: one optimizer step on those losses, exact under data parallelism: N ranks take the very step
-  that one process would take on the union of their transitions.
+Read top to bottom (the objective itself is in objective.py):
+- learner_step: one optimizer step on the greedy objective's losses, exact under data parallelism: N ranks
+  take the very step that one process would take on the union of their transitions.
 - Learner: what a checkpoint restores about learning (model, optimizer, step, skip counters, RNG).
 - train_loop: take this rank's batch for the step from an experience source, learn, and on schedule log,
   report and checkpoint through a sink. In process and on every Ray Train rank, the same function.
@@ -29,7 +24,9 @@ from iai_dist import checkpoint
 from iai_dist.config import ExperimentConfig, TrainConfig
 from iai_dist.devices import precision_line, resolve_device
 from iai_dist.experience import EpisodeStream, ExperienceSource, LocalRollouts
+from iai_dist.objective import GreedyObjective, greedy_backward, world_size
 from iai_dist.refiner import IterativeModel
+from iai_dist.regimes.explicit import PRETRAIN_TASKS
 from iai_dist.reporting import Window, progress_line, step_metrics
 from iai_dist.rollout import Transitions, refine
 from iai_dist.tasks import Episode, build_family
@@ -61,90 +58,6 @@ def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float) -> float
         return (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
-
-
-def greedy_terms(model: IterativeModel, tr: Transitions, unroll: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """Over this batch's T tasks: the query-loss sum after each refinement step [K] (differentiable) and the
-    query error terms [2, K] (numerator, denominator; detached)."""
-    t, k = tr.num_tasks, tr.num_steps
-    x_query, y_query = tr.rows_query()
-    # Step-0 rows (the first T: rows are step-major) start from the live learned initial state, so theta^(0)
-    # / z^(0) / y_hat^(0) get a gradient; their gradient signal is recomputed at that state, since an episode
-    # worker computed it at the initial state of the weights it rolled out with.
-    state0 = model.initial_state(tr.x_query)
-    if unroll == 1:  # every step at once, each from its stored state
-        state = torch.cat([state0, tr.state[t:]])
-        grad = None if tr.grad is None else torch.cat([model.signal(state0, tr.x[:t], tr.y[:t]), tr.grad[t:]])
-        out = model.predict(model.step(state, tr.x, tr.y, grad, tr.step, x_query), x_query)
-    else:
-        out = torch.cat(list(unrolled_outputs(model, tr, state0, unroll)))
-    per_row = model.family.loss(out, y_query)
-    num, den = model.family.error_terms(out.detach(), y_query)
-    return per_row.view(k, t).sum(1), torch.stack([num, den]).view(2, k, t).sum(2)
-
-
-def unrolled_outputs(model: IterativeModel, tr: Transitions, state0: torch.Tensor, unroll: int):
-    """f's query outputs after each step, step by step: a block of `unroll` steps starts from its stored
-    state (the live initial state for the first) and runs on from the live output of the step before it,
-    with the gradient signal taken at that live state (as data: first order, no second derivatives)."""
-    t = tr.num_tasks
-    state = None
-    for i in range(tr.num_steps):
-        rows = slice(i * t, (i + 1) * t)
-        x, y = tr.x[rows], tr.y[rows]
-        if i == 0:
-            state, grad = state0, None if tr.grad is None else model.signal(state0, x, y)
-        elif i % unroll == 0:
-            state, grad = tr.state[rows], None if tr.grad is None else tr.grad[rows]
-        else:
-            grad = None if tr.grad is None else model.signal(state, x, y)
-        state = model.step(state, x, y, grad, tr.step[rows], tr.x_query)
-        yield model.predict(state, tr.x_query)
-
-
-class GreedyObjective(torch.nn.Module):
-    """greedy_terms as a module's forward, so DistributedDataParallel can wrap it (DDP synchronises gradients
-    of what runs through forward; the refiner itself has several entry points)."""
-
-    def __init__(self, model: IterativeModel, unroll: int = 1):
-        super().__init__()
-        self.model, self.unroll = model, unroll
-
-    def forward(self, tr: Transitions) -> tuple[torch.Tensor, torch.Tensor]:
-        return greedy_terms(self.model, tr, self.unroll)
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
-
-
-def greedy_backward(objective: torch.nn.Module, tr: Transitions, cfg: TrainConfig
-                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Accumulate the greedy objective's gradient into the parameters; returns its value, the per-step mean
-    query losses [K] and query errors % [K], all over the global batch.
-
-    The objective is the mean over refinement steps i of L_i ('uniform') or of log L_i ('relative': every step
-    counts alike, however small its loss), where L_i is the mean query loss after step i over the *global*
-    batch. Each rank all-reduces its detached per-step loss sums and counts, then differentiates its share
-    sum_i S_i^rank / C_i * w_i with w_i = 1 (uniform) or 1 / L_i held constant (relative: d log L = dL / L),
-    times the world size, since DDP averages the ranks' gradients. The N-rank gradient is then the 1-rank one.
-    """
-    sums, terms = objective(tr)
-    k = sums.shape[0]
-    totals = torch.cat([sums.detach(), torch.full_like(sums, tr.num_tasks), terms.flatten()])
-    world = world_size()
-    if world > 1:
-        dist.all_reduce(totals)
-    counts = totals[k:2 * k]
-    step_losses = totals[:k] / counts
-    if cfg.step_weighting == "relative":
-        weight = 1.0 / step_losses.clamp_min(1e-12)
-        value = step_losses.clamp_min(1e-12).log().mean()
-    else:
-        weight = torch.ones_like(step_losses)
-        value = step_losses.mean()
-    (world * (sums / counts * weight).sum() / k).backward()
-    return value, step_losses, 100.0 * totals[2 * k:3 * k] / totals[3 * k:].clamp_min(1e-30)
 
 
 def learner_step(objective: torch.nn.Module, optimizer: torch.optim.Optimizer, tr: Transitions, cfg: TrainConfig,
@@ -223,7 +136,7 @@ class Learner:
             for tensor in self.model.state_dict().values():
                 dist.broadcast(tensor, 0)
         if self.rank == 0:
-            print(f"[pretrain] f_gamma auto-decoded for {steps} steps on 256 episodes: loss {loss:.4g} "
+            print(f"[pretrain] f_gamma auto-decoded for {steps} steps on {PRETRAIN_TASKS} episodes: loss {loss:.4g} "
                   f"({time.perf_counter() - start:.0f}s)", flush=True)
 
     @property

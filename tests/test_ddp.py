@@ -9,7 +9,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from iai_dist.config import load_config
-from iai_dist.learner import Learner, greedy_backward
+from iai_dist.learner import Learner
+from iai_dist.objective import greedy_backward
 from iai_dist.rollout import make_transitions
 
 CASES = [(kind, signal, weighting) for kind, signal in [("parametric", "obs+grad"), ("explicit", "grad"),

@@ -9,7 +9,8 @@ import torch
 from iai_dist import checkpoint
 from iai_dist.checkpoint import CheckpointError, read_checkpoint
 from iai_dist.experience import EpisodeStream, LocalRollouts
-from iai_dist.learner import Learner, TrainingDiverged, greedy_terms, lr_multiplier, train_in_process
+from iai_dist.learner import Learner, TrainingDiverged, lr_multiplier, train_in_process
+from iai_dist.objective import greedy_terms
 from iai_dist.regimes.explicit import auto_decode
 from iai_dist.rollout import make_transitions, refine
 

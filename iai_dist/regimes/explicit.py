@@ -8,6 +8,8 @@ from torch import nn
 from iai_dist.regimes.base import VectorStateRegime
 from iai_dist.regimes.functional import fn_gradient
 
+PRETRAIN_TASKS = 256  # training episodes f_gamma is auto-decoded on (regime.pretrain_steps)
+
 
 class LatentPredictor(nn.Module):
     """f_gamma(x, z): a two-hidden-layer MLP on x that z conditions.
@@ -63,7 +65,7 @@ class ExplicitRegime(VectorStateRegime):
         self.z0 = nn.Parameter(torch.zeros(cfg.latent_dim))
         self._setup_tokens(cfg.latent_dim)
 
-    def pretrain(self, seed: int, steps: int, tasks: int = 256) -> float:
+    def pretrain(self, seed: int, steps: int, tasks: int = PRETRAIN_TASKS) -> float:
         """Auto-decode f_gamma on the first `tasks` episodes of the training stream `seed` (context and query
         points), then re-express it in whitened latents (`whiten`) and start z0 at their mean. Returns the
         final loss."""
