@@ -34,15 +34,19 @@ def bayes_optimal(family: TaskFamily, ep: Episode, num_steps: int) -> list[torch
 
 
 def gradient_descent(
-    family: TaskFamily, fn, ep: Episode, num_steps: int, optimizer: str, lr: float, init_seed: int = 0
+    family: TaskFamily, fn, ep: Episode, num_steps: int, optimizer: str, lr: float, init_seed: int = 0,
+    thetas: list | None = None,
 ) -> list[torch.Tensor]:
     """Adam or SGD on f, one step per mini-batch, all tasks at once (both are per-coordinate, and the
-    summed loss gives each task its own gradient, so the tasks stay independent)."""
+    summed loss gives each task its own gradient, so the tasks stay independent). `thetas`, if given, receives
+    the parameters after each step 0..num_steps (generative families generate samples from them)."""
     theta = fn.init(torch.Generator().manual_seed(init_seed)).to(ep.x.device)
     theta = theta.expand(ep.num_tasks, -1).clone().requires_grad_(True)
     opt = torch.optim.Adam([theta], lr=lr) if optimizer == "adam" else torch.optim.SGD([theta], lr=lr)
     with torch.no_grad():
         terms = [torch.stack(family.error_terms(fn(theta, ep.x_query), ep.y_query))]
+    if thetas is not None:
+        thetas.append(theta.detach().clone())
     for i in range(num_steps):
         x, y = ep.minibatch(i % ep.num_batches)
         opt.zero_grad()
@@ -50,6 +54,8 @@ def gradient_descent(
         opt.step()
         with torch.no_grad():
             terms.append(torch.stack(family.error_terms(fn(theta, ep.x_query), ep.y_query)))
+        if thetas is not None:
+            thetas.append(theta.detach().clone())
     return terms
 
 

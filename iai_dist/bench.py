@@ -5,6 +5,7 @@
     python -m iai_dist.bench scaling    [--points 100,1000,10000]      : K-step refinement vs the one-step model
     python -m iai_dist.bench transfer   [--minutes M] [--pairs digits:fashion_mnist,...] : image refiners on their
                                         own test split and on another data set, per regime, vs one-step and Adam
+                                        (embeddings: --pairs PRESET:task.embeddings.test=OTHER.npz with --set ...)
     python -m iai_dist.bench sampler    [--presets digits,...]         : image episodes/s alone vs the learner's rate
     python -m iai_dist.bench throughput [--preset P] [--minutes M]     : Ray service: in process vs 1+1 vs 2+2 workers
     python -m iai_dist.bench memory     [--at 5,30]                    : Ray service: RSS of driver and workers over a run
@@ -281,7 +282,8 @@ def main(argv: list[str] | None = None) -> None:
     tr.add_argument("--minutes", type=float, default=3.0, help="training budget per regime (wall clock)")
     tr.add_argument("--one-step-minutes", type=float, default=None, help="per one-step model (default: --minutes / 2)")
     tr.add_argument("--pairs", default="digits:fashion_mnist,fashion-mnist-8x8:digits",
-                    help="PRESET:FAMILY,...: train on the preset, evaluate on its test split and on FAMILY's")
+                    help="PRESET:FAMILY,...: train on the preset, evaluate on its test split and on FAMILY's; "
+                         "PRESET:KEY=VALUE evaluates under that override instead (task.embeddings.test=FILE)")
     tr.add_argument("--regimes", default="all", help="comma-separated from parametric, explicit, implicit")
     tr.add_argument("--episodes", type=int, default=1024)
     tr.add_argument("--sampler-seconds", type=float, default=3.0, help="time the sampler alone this long")

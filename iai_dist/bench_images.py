@@ -25,9 +25,15 @@ PAPER_TRANSFER = ("paper: implicit regime trained on MNIST tasks, evaluated on F
                   "31.9% error after 1 step, 24.2% after 10")
 
 
-def retarget(model: IterativeModel, cfg: ExperimentConfig, family: str, device) -> tuple[IterativeModel, ExperimentConfig]:
-    """The same weights on another task family (same features and N): what `evaluate --set task.family=` does."""
-    cfg = cfg.with_overrides({"task.family": family})
+def other_overrides(other: str) -> dict[str, str]:
+    """A transfer target: a family name, or one KEY=VALUE override (task.embeddings.test=FILE: another data set's
+    embeddings from the same backbone)."""
+    return dict([other.split("=", 1)]) if "=" in other else {"task.family": other}
+
+
+def retarget(model: IterativeModel, cfg: ExperimentConfig, other: str, device) -> tuple[IterativeModel, ExperimentConfig]:
+    """The same weights on another task family or data (same features and N): what `evaluate --set` does."""
+    cfg = cfg.with_overrides(other_overrides(other))
     moved = IterativeModel(cfg, build_family(cfg.task))
     moved.load_state_dict(model.state_dict())
     return moved.to(device).eval(), cfg
@@ -71,7 +77,8 @@ def transfer(args) -> None:
     try:  # every config and data set is checked before any training
         bad = [":".join(p) for p in pairs if len(p) != 2]
         if bad:
-            raise ConfigError(f"--pairs: expected PRESET:FAMILY such as digits:fashion_mnist (got {bad[0]})")
+            raise ConfigError(f"--pairs: expected PRESET:FAMILY such as digits:fashion_mnist, or PRESET:KEY=VALUE "
+                              f"such as digits:task.embeddings.test=DIR/test.npz (got {bad[0]})")
         unknown = [r for r in regimes if r not in TRANSFER_REGIMES]
         if unknown:
             raise ConfigError(f"--regimes: unknown {', '.join(unknown)}; known: parametric, explicit, implicit")
@@ -80,7 +87,7 @@ def transfer(args) -> None:
                 sets = [*TRANSFER_REGIMES[regime], f"eval.episodes={args.episodes}", *args.overrides]
                 cfg = load_config(preset, overrides=sets)
                 build_family(cfg.task)
-                build_family(cfg.with_overrides({"task.family": other}).task)
+                build_family(cfg.with_overrides(other_overrides(other)).task)
                 cfgs[preset, regime] = cfg
     except ConfigError as exc:
         sys.exit(f"error: {exc}")
@@ -124,8 +131,9 @@ def transfer(args) -> None:
         falls = [r for r, _, b in rows if b["per_step"]["refiner"][k] < b["per_step"]["refiner"][1]]
         best = min(rows, key=lambda r: r[2]["per_step"]["refiner"][k])[0]
         im = cfg0.task.image
+        inputs = f"{cfg0.task.dim} features" if own == "embeddings" else f"{im.size}x{im.size} images"
         head = (f"### trained on {own} (preset {preset}), evaluated on {own} and on {other}\n"
-                f"{cfg0.task.num_classes}-way, {im.size}x{im.size} images, K={k}, B={cfg0.task.batch_size}, "
+                f"{cfg0.task.num_classes}-way, {inputs}, K={k}, B={cfg0.task.batch_size}, "
                 f"{args.episodes} held-out test-split episodes; {args.minutes} min of training per regime, "
                 f"{args.one_step_minutes} min per one-step model; classification error %\n")
         note = (f"\nerror on {other} falls from step 1 to step {k} for: {', '.join(falls) or 'none'}; "

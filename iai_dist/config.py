@@ -47,6 +47,39 @@ class ImageConfig(_Section):
     projection_seed: int = Field(0, ge=0)
 
 
+class EmbeddingsConfig(_Section):
+    """The embeddings family only: a user's feature arrays per split, e.g. written by `python -m iai_dist.data
+    embed`. Each split is a .npz or .pt holding `features` [n, d] and `labels` [n] (integers 0..C-1), or a .npy
+    of features whose labels are a second .npy named by *_labels. '~' is expanded."""
+
+    train: str = ""
+    test: str = ""
+    train_labels: str = ""  # only when train is a .npy of features
+    test_labels: str = ""
+    standardize: bool = True  # each split's features to zero mean, unit variance per feature (its own statistics)
+
+
+class GenerativeConfig(_Section):
+    """Generative families only (gaussian_mixture, alphabet): what a task's distribution is, and how samples are
+    generated from a vector field."""
+
+    components: PositiveInt = 4  # gaussian_mixture: a task has 1..components components; the 'mixture' model has this many
+    # alphabet: the letters training tasks draw from, and the disjoint held-out letters evaluation draws from
+    letters: str = "ACDEFHIJLMNOPRSTUVXY"
+    heldout_letters: str = "BGKQWZ"
+    ode_steps: PositiveInt = 10  # midpoint steps integrating dx/dt = v(x, t) from t = 0 to 1 (2 evaluations each)
+
+    @model_validator(mode="after")
+    def _letters(self) -> "GenerativeConfig":
+        for name in ("letters", "heldout_letters"):
+            text = getattr(self, name)
+            if not text or not all("A" <= c <= "Z" for c in text) or len(set(text)) != len(text):
+                raise ValueError(f"{name}: expected distinct capital letters A-Z, got {text!r}")
+        if both := sorted(set(self.letters) & set(self.heldout_letters)):
+            raise ValueError(f"letters and heldout_letters must be disjoint; both have {''.join(both)}")
+        return self
+
+
 class TaskConfig(_Section):
     """The task family and the shape of an episode: K mini-batches of B context points + a query set."""
 
@@ -60,6 +93,8 @@ class TaskConfig(_Section):
     batch_size: PositiveInt = 10  # B: points per mini-batch
     query_size: PositiveInt = 100  # points in the query set D_valid
     image: ImageConfig = ImageConfig()  # image families only
+    generative: GenerativeConfig = GenerativeConfig()  # generative families only
+    embeddings: EmbeddingsConfig = EmbeddingsConfig()  # the embeddings family only
 
     @field_validator("family")
     @classmethod
@@ -84,7 +119,9 @@ class RegimeConfig(_Section):
 
     kind: Literal["parametric", "explicit", "implicit"] = "parametric"
     signal: Literal["obs", "grad", "obs+grad"] = "obs+grad"
-    model: Literal["linear", "mlp"] = "linear"  # parametric f: linear / softmax-linear, or a one-hidden-layer MLP
+    # parametric f: linear / softmax-linear, a one-hidden-layer MLP, or (generative families) a Gaussian mixture's
+    # exact flow-matching velocity field, theta = its weights, means and scales (it has a density: exact NLL)
+    model: Literal["linear", "mlp", "mixture"] = "linear"
     hidden: PositiveInt = 32  # hidden width of the parametric MLP f, and of the explicit f_gamma
     latent_dim: PositiveInt = 32  # explicit: size of the task latent z
     # explicit: "film" also scales f_gamma's hidden layers by (1 + A z); "concat": the paper's MLP([x, z])
@@ -176,6 +213,10 @@ class EvalConfig(_Section):
     batch_tasks: PositiveInt = 256  # episodes evaluated at once (bounds memory)
     # Fixed held-out episodes (seed + 2) whose query error after each step is logged at every log step.
     monitor_episodes: int = Field(256, ge=0)
+    # Generative families: sample quality after each reported step on this many held-out tasks, from this many
+    # generated and as many true samples per task (sliced Wasserstein-2, MMD, NLL where there is a density)
+    sample_tasks: int = Field(32, ge=0)
+    samples: int = Field(1000, ge=16)
 
 
 # `register` (the name users set) is also ABCMeta.register, a class attribute no config code uses
@@ -231,6 +272,14 @@ class ExperimentConfig(_Section):
 
     @model_validator(mode="after")
     def _service_shape(self) -> "ExperimentConfig":
+        from iai_dist.tasks import FAMILIES
+
+        if self.regime.kind == "parametric" and self.regime.model == "mixture" and FAMILIES[self.task.family].kind != "generative":
+            raise ValueError(f"regime.model 'mixture' is a density model for generative families; task.family "
+                             f"{self.task.family!r} is {FAMILIES[self.task.family].kind}")
+        if self.tracking.register and FAMILIES[self.task.family].kind == "generative":
+            raise ValueError("tracking.register: the MLflow model predicts targets of query rows (regression and "
+                             f"classification); {self.task.family} is generative and logs no model")
         if self.regime.memory == "observations" and self.task.dim > 128:
             raise ValueError(f"regime.memory 'observations' keeps (d + 1)^2 statistics per task: task.dim {self.task.dim} "
                              "is over 128; use memory 'moments' or a smaller d")

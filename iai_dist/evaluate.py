@@ -16,13 +16,14 @@ from iai_dist import baselines
 from iai_dist.checkpoint import CheckpointError, read_checkpoint
 from iai_dist.config import ConfigError, ExperimentConfig, parse_override
 from iai_dist.devices import resolve_device
+from iai_dist.generative import format_quality, sample_quality
 from iai_dist.refiner import IterativeModel
 from iai_dist.reporting import report_steps
 from iai_dist.rollout import refine
 from iai_dist.tasks import build_family
 
 PER_STEP = ("refiner", "bayes_optimal", "adam", "sgd")
-AT_ONCE = ("full_fit", "one_step")
+AT_ONCE = ("full_fit", "one_step", "true_field")
 
 
 def evaluate(
@@ -57,9 +58,11 @@ def evaluate(
         add("full_fit", baselines.full_fit(family, fn, ep.first_batches(k)))
         if one_step is not None:
             add("one_step", refine(one_step, ep.first_batches(k).as_one_batch(), 1)[-1])
+        if hasattr(family, "true_velocity"):  # the limit: the task's own velocity field
+            add("true_field", torch.stack(family.error_terms(family.true_velocity(ep.truth, ep.x_query), ep.y_query)))
 
     errors = {name: (100.0 * s[:, 0] / s[:, 1]).tolist() for name, s in sums.items()}
-    return {
+    summary = {
         "task": cfg.task.model_dump(),
         "regime": cfg.regime.model_dump(),
         "metric": metric_name(family.kind),
@@ -70,11 +73,15 @@ def evaluate(
         "at_once": {name: errors[name][0] for name in AT_ONCE if name in errors},
         "lr": lrs,
     }
+    if family.kind == "generative" and ec.sample_tasks:
+        summary["generative"] = sample_quality(model, one_step, cfg, lrs, device)
+    return summary
 
 
 def metric_name(kind: str) -> str:
     """DESIGN.md's metric for a family kind, as tables and plots label it."""
-    return "relative squared error %" if kind == "regression" else "classification error %"
+    return {"regression": "relative squared error %", "classification": "classification error %",
+            "generative": "relative flow-matching loss %"}[kind]
 
 
 def format_table(summary: dict) -> str:
@@ -89,6 +96,8 @@ def format_table(summary: dict) -> str:
         lines.append(f"| {label} | " + " | ".join(format_error(errs[s]) for s in cols) + " | |")
     for name, err in summary["at_once"].items():
         lines.append(f"| {name} | " + " | ".join("" for _ in cols) + f" | {format_error(err)} |")
+    if "generative" in summary:
+        lines += ["", format_quality(summary["generative"])]
     return "\n".join(lines)
 
 
@@ -152,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     summary = evaluate(model.to(device), cfg, None if one_step is None else one_step.to(device), device)
     out = args.out or args.checkpoint.parent
     out.mkdir(parents=True, exist_ok=True)
+    summary.get("generative", {}).pop("pictures", None)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(format_table(summary))
     print(f"summary: {out / 'summary.json'}")

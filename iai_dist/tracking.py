@@ -157,8 +157,11 @@ class Tracker:
             self._mlflow.log_artifact(str(path), artifact_path)
 
     def log_model(self, checkpoint: Path, cfg: ExperimentConfig) -> None:
-        """The refiner as this run's MLflow pyfunc model (registered as cfg.tracking.register, if set)."""
-        if self.enabled:
+        """The refiner as this run's MLflow pyfunc model (registered as cfg.tracking.register, if set). The model
+        predicts targets of query rows, so generative families (whose refiners generate samples) log none."""
+        from iai_dist.tasks import FAMILIES
+
+        if self.enabled and FAMILIES[cfg.task.family].kind != "generative":
             from iai_dist.mlflow_model import log_refiner
 
             log_refiner(checkpoint, cfg, cfg.tracking.register)
@@ -191,7 +194,8 @@ class Tracker:
 
     def log_summary(self, summary: dict) -> None:
         """Final errors as metrics: `eval/<method>/error` per refinement step (MLflow's step = the refinement
-        step, so one chart shows error vs step and runs compare on it), `eval/<method>` for the at-once ones."""
+        step, so one chart shows error vs step and runs compare on it), `eval/<method>` for the at-once ones;
+        generative families also `eval/<sw2|mmd|nll>/<method>` per step."""
         if not self.enabled:
             return
         from mlflow.entities import Metric
@@ -200,6 +204,11 @@ class Tracker:
         metrics = [Metric(f"eval/{name}", float(err), now, 0) for name, err in summary["at_once"].items()]
         for name, errs in summary["per_step"].items():
             metrics += [Metric(f"eval/{name}/error", float(e), now, i) for i, e in enumerate(errs)]
+        for split, scores in summary.get("generative", {}).get("sets", {}).items():
+            where = "eval/" if split == "test" else "eval/training_letters/"
+            for metric, methods in scores.items():  # eval/sw2/refiner at each refinement step; at once: step 0
+                metrics += [Metric(f"{where}{metric}/{name}", value, now, 0 if key == "at_once" else int(key))
+                            for name, by_step in methods.items() for key, value in by_step.items()]
         self._mlflow.tracking.MlflowClient(self.uri).log_batch(self.run_id, metrics=metrics)
 
     def finish(self, status: str = "FINISHED") -> None:
@@ -227,6 +236,43 @@ def plot_errors(summary: dict, path: Path) -> Path:
     ax.set_title(f"{summary['task']['family']} · {summary['regime']['kind']} · {summary['regime']['signal']}")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def plot_samples(pictures: dict, summary: dict, path: Path) -> Path:
+    """Generated samples beside the truth: a row per task, columns truth | refiner after each shown step |
+    the baselines at step K (pictures: method -> {step or 'at_once': [tasks, n, 2] samples}, 2-D only)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    k = summary["K"]
+    shown = [s for s in (1, 5, k) if s in pictures["refiner"]]
+    columns = [("truth", "at_once", "truth")] + [("refiner", s, f"refiner, step {s}") for s in dict.fromkeys(shown)]
+    columns += [(m, k, f"{m}, step {k}") for m in ("adam", "em") if k in pictures.get(m, {})]
+    columns += [("one_step", "at_once", f"one-step, all {k} at once")] if "one_step" in pictures else []
+    rows = pictures["truth"]["at_once"].shape[0]
+    fig, axes = plt.subplots(rows, len(columns), figsize=(2.1 * len(columns), 2.1 * rows), dpi=110, squeeze=False)
+    truth = pictures["truth"]["at_once"]
+    for r in range(rows):
+        lo, hi = truth[r].min(0).values - 1.0, truth[r].max(0).values + 1.0
+        for c, (method, key, title) in enumerate(columns):
+            ax = axes[r, c]
+            pts = pictures[method][key][r]
+            ax.scatter(pts[:, 0], pts[:, 1], s=1.5, alpha=0.6, color="black" if method == "truth" else "C0", lw=0)
+            ax.set_xlim(lo[0], hi[0])
+            ax.set_ylim(lo[1], hi[1])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            ax.set_aspect("equal")
+            if r == 0:
+                ax.set_title(title, fontsize=8)
+    fig.suptitle(f"{summary['task']['family']} · {summary['regime']['kind']} · {summary['regime']['signal']}: "
+                 "generated samples (held-out tasks)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)

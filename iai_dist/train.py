@@ -21,7 +21,7 @@ from iai_dist.config import ConfigError, ExperimentConfig, load_config, preset_n
 from iai_dist.evaluate import evaluate_trained, format_table, one_step_config
 from iai_dist.learner import ServiceError, TrainingDiverged, train_in_process
 from iai_dist.tasks import build_family
-from iai_dist.tracking import Tracker, plot_errors, tracking_uri
+from iai_dist.tracking import Tracker, plot_errors, plot_samples, tracking_uri
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -74,10 +74,13 @@ def run(cfg: ExperimentConfig, run_dir: Path, tracker: Tracker, callbacks: Seque
     else:
         summary = evaluate_trained(cfg, *states)
     summary["train"] = info
+    pictures = summary.get("generative", {}).pop("pictures", {})
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    plot = plot_errors(summary, run_dir / "error_vs_step.png")
+    plots = [plot_errors(summary, run_dir / "error_vs_step.png")]
+    if "test" in pictures and cfg.task.dim == 2:
+        plots.append(plot_samples(pictures["test"], summary, run_dir / "samples.png"))
     tracker.log_summary(summary)
-    for path in (run_dir / "config.yaml", run_dir / "summary.json", plot, run_dir / "checkpoint.pt"):
+    for path in (run_dir / "config.yaml", run_dir / "summary.json", *plots, run_dir / "checkpoint.pt"):
         tracker.log_artifact(path)
     tracker.log_model(run_dir / "checkpoint.pt", cfg)
     return summary

@@ -132,7 +132,7 @@ def test_data_is_loaded_once_per_process(idx_root):
     build_family(cfg.task).sample(0, torch.arange(4))  # a second family (another regime, evaluation, ...)
     build_family(cfg.with_overrides({"task.num_classes": 5}).task)
     assert images.LOADS == after_build
-    assert fam.pools["train"].images.dtype == torch.uint8
+    assert fam.pools["train"].data.dtype == torch.uint8
 
 
 def test_a_family_pickles_as_its_config(idx_root):
@@ -159,7 +159,7 @@ def test_preprocessing_resize_normalize_project(idx_root):
 
 def test_scikit_learn_digits_are_real_and_offline():
     fam = build_family(load_config("digits").task)
-    assert fam.pools["train"].images.shape == (1437, 1, 8, 8) and fam.pools["test"].images.shape[0] == 360
+    assert fam.pools["train"].data.shape == (1437, 1, 8, 8) and fam.pools["test"].data.shape[0] == 360
     assert fam.pools["train"].count.tolist() == torch.bincount(fam.pools["train"].labels).tolist()
     ep = fam.sample(0, torch.arange(32), split="test")
     assert ep.x.shape == (32, 10, 10, 64) and ep.x_query.shape == (32, 20, 64)

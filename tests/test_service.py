@@ -117,17 +117,25 @@ def test_synchronous_ray_training_follows_the_in_process_trajectory(ray_local, t
         torch.testing.assert_close(remote[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_train_cli_on_ray_logs_one_mlflow_run_with_service_metrics(ray_local, tmp_path, capsys, monkeypatch):
+def test_train_cli_on_ray_logs_one_mlflow_run_with_service_metrics_and_sample_pictures(ray_local, tmp_path, capsys,
+                                                                                     monkeypatch):
+    """A generative family end to end on the service: flow-matching episodes from the workers, the learner,
+    the evaluation as Ray work with sample-quality scores, one MLflow run with the metrics and the pictures."""
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    generative = ["task.family=gaussian_mixture", "task.dim=2", "regime.model=mixture", "eval.sample_tasks=4",
+                  "eval.samples=200", "eval.horizon=1"]
     argv = ["--preset", "tiny", "--set", "tracking.run_name=onray", "--set", f"tracking.runs_dir={tmp_path}",
             "--set", "distributed.num_workers=1", "--set", "distributed.episode_workers=1",
-            "--set", "train.max_steps=60", *[f"--set={k}={v}" for k, v in SERVICE.items()]]
+            "--set", "train.max_steps=60", *[f"--set={k}={v}" for k, v in SERVICE.items()],
+            *[f"--set={o}" for o in generative]]
     assert train.main(argv) == 0
     out = capsys.readouterr().out
-    assert "| refiner |" in out and "| one_step |" in out
+    assert "| refiner |" in out and "| one_step |" in out and "sw2 on held-out tasks" in out
     run_dir = tmp_path / "onray"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["train"]["steps"] == 60 and summary["train"]["episodes"] == 60 * 32
+    assert summary["evaluated_by"]["pid"] != os.getpid()
+    assert {"refiner", "em", "adam", "one_step", "floor"} <= set(summary["generative"]["sets"]["test"]["sw2"])
     assert (run_dir / "one_step" / "checkpoint.pt").exists()
 
     client = MlflowClient(_sqlite(tmp_path / "mlflow.db"))
@@ -135,10 +143,11 @@ def test_train_cli_on_ray_logs_one_mlflow_run_with_service_metrics(ray_local, tm
     assert mrun.info.status == "FINISHED" and mrun.data.params["distributed.num_workers"] == "1"
     assert [m.step for m in client.get_metric_history(mrun.info.run_id, "train/loss")] == [10, 20, 30, 40, 50, 60]
     assert "one_step/learner_idle_pct" in mrun.data.metrics and "eval/refiner/error" in mrun.data.metrics
+    assert sorted(m.step for m in client.get_metric_history(mrun.info.run_id, "eval/sw2/refiner")) == [1, 2, 3]
     assert any(name.startswith("system/cpu") for name in mrun.data.metrics)  # the driver's machine
     assert "system/learner_0/cpu_utilization_percentage" in mrun.data.metrics  # the learner's
     artifacts = {a.path for a in client.list_artifacts(mrun.info.run_id)}
-    assert {"summary.json", "config.yaml", "error_vs_step.png", "checkpoint.pt"} <= artifacts
+    assert {"summary.json", "config.yaml", "error_vs_step.png", "samples.png", "checkpoint.pt"} <= artifacts
 
 
 def test_an_episode_worker_that_crashes_every_time_ends_the_run_with_one_line(ray_local, tmp_path, capsys):

@@ -5,10 +5,11 @@ import torch
 from iai_dist.config import load_config
 from iai_dist.baselines import bayes_optimal
 from iai_dist.tasks import FAMILIES, build_family
-from iai_dist.tasks.images import ImageClassification
+from iai_dist.tasks.generative import GenerativeFamily
+from iai_dist.tasks.pooled import PooledClassification
 
-# families that draw x ~ N(0, I) (image families: tests/test_images.py)
-SYNTHETIC = sorted(n for n, f in FAMILIES.items() if not issubclass(f, ImageClassification))
+# families that draw x ~ N(0, I) (images: tests/test_images.py; embeddings, generative: their own test files)
+SYNTHETIC = sorted(n for n, f in FAMILIES.items() if not issubclass(f, (PooledClassification, GenerativeFamily)))
 
 
 def family_of(name, **kw):

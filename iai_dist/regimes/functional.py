@@ -6,6 +6,8 @@ import math
 
 import torch
 
+from iai_dist.tasks.generative import mixture_log_density, mixture_velocity
+
 
 class LinearFn:
     """f(x; theta) = x W + b: a linear model for regression, softmax-linear logits for classification."""
@@ -47,7 +49,34 @@ class MLPFn:
         return torch.cat([w1, torch.zeros(h), w2, torch.zeros(o)])
 
 
-def build_fn(model: str, in_dim: int, out_dim: int, hidden: int) -> LinearFn | MLPFn:
+class MixtureFieldFn:
+    """f([x, t]; theta) = the exact flow-matching velocity of a mixture of C isotropic Gaussians in d dimensions,
+    theta = [weight logits (C), means (C*d), log scales (C)]: a vector field with a density, log_density(theta, x)."""
+
+    def __init__(self, data_dim: int, components: int):
+        self.dim, self.components = data_dim, components
+        self._sizes = (components, components * data_dim, components)
+        self.num_params = sum(self._sizes)
+
+    def parts(self, theta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits, means, log_scales = torch.split(theta, self._sizes, dim=1)
+        return logits.log_softmax(-1), means.view(-1, self.components, self.dim), log_scales
+
+    def __call__(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return mixture_velocity(*self.parts(theta), x)
+
+    def log_density(self, theta: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        return mixture_log_density(*self.parts(theta), x)
+
+    def init(self, generator: torch.Generator) -> torch.Tensor:
+        """Equal weights, unit scales, means ~ N(0, I): distinct components, so each gets its own gradient."""
+        c, d = self.components, self.dim
+        return torch.cat([torch.zeros(c), torch.randn(c * d, generator=generator), torch.zeros(c)])
+
+
+def build_fn(model: str, in_dim: int, out_dim: int, hidden: int, components: int = 0) -> LinearFn | MLPFn | MixtureFieldFn:
+    if model == "mixture":
+        return MixtureFieldFn(out_dim, components)
     return LinearFn(in_dim, out_dim) if model == "linear" else MLPFn(in_dim, out_dim, hidden)
 
 

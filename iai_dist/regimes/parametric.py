@@ -14,7 +14,7 @@ class ParametricRegime(VectorStateRegime):
 
     def __init__(self, family, cfg, generator: torch.Generator):
         super().__init__(family, cfg)
-        self.fn = build_fn(cfg.model, family.x_dim, family.out_dim, cfg.hidden)
+        self.fn = build_fn(cfg.model, family.x_dim, family.out_dim, cfg.hidden, family.cfg.generative.components)
         self.theta0 = nn.Parameter(self.fn.init(generator))
         self._setup_tokens(self.fn.num_params)
 

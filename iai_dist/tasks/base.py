@@ -16,8 +16,8 @@ from iai_dist.tasks.rng import EpisodeRNG
 class Episode:
     """A batch of T episodes. Context: K mini-batches of B points; query: Q points.
 
-    x: [T, K, B, d]   y: [T, K, B] (float targets, or long class labels)
-    x_query: [T, Q, d]   y_query: [T, Q]
+    x: [T, K, B, d]   y: [T, K, B] (float targets, or long class labels; generative: [T, K, B, d'] velocities)
+    x_query: [T, Q, d]   y_query: [T, Q] (generative: [T, Q, d'])
     truth: the teacher's parameters, for tests and closed-form baselines.
     """
 
@@ -41,8 +41,7 @@ class Episode:
     def context(self, num_batches: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """The first `num_batches` mini-batches as one set: [T, k*B, d], [T, k*B]."""
         k = self.num_batches if num_batches is None else num_batches
-        x, y = self.x[:, :k], self.y[:, :k]
-        return x.reshape(x.shape[0], -1, x.shape[-1]), y.reshape(y.shape[0], -1)
+        return self.x[:, :k].flatten(1, 2), self.y[:, :k].flatten(1, 2)
 
     def first_batches(self, k: int) -> "Episode":
         return Episode(self.x[:, :k], self.y[:, :k], self.x_query, self.y_query, self.truth)
@@ -59,7 +58,7 @@ class Episode:
 class TaskFamily:
     """A distribution over tasks. Subclasses set `kind` and `natural_model` and implement `_sample`."""
 
-    kind: ClassVar[Literal["regression", "classification"]]
+    kind: ClassVar[Literal["regression", "classification", "generative"]]
     natural_model: ClassVar[Literal["linear", "mlp"]]  # the parametric f that fits it (for baselines)
 
     def __init__(self, cfg: TaskConfig):

@@ -1,33 +1,24 @@
-"""Image classification from real data sets: N-way tasks whose labels mean nothing across episodes.
-
-An episode picks N of the data set's classes at random and gives them the labels 0..N-1 in a random
-order, then draws K mini-batches of B images and a query set of Q images from one split (the training
-stream reads 'train', evaluation 'test'). Every mini-batch and the query set hold each label floor or
-ceil(B/N) times, in random order. Within an episode images are drawn without replacement: a query image
-is never in the context, and a context image repeats only once its class has no unused image left.
+"""Image classification from real data sets: N-way tasks whose labels mean nothing across episodes
+(episodes as in tasks/pooled.py).
 
 Data: torchvision's loaders (MNIST, FashionMNIST, KMNIST, CIFAR10) read `task.image.root` and download
 only when `task.image.download` is set; scikit-learn ships the 8x8 handwritten digits. A process loads a
-(data set, split, size) once into uint8 tensors and every episode gathers from memory. As for the
-synthetic families, an episode is a pure function of (seed, index): class choice, label order and image
-choice all come from the counter-based EpisodeRNG.
+(data set, split, size) once into uint8 tensors and every episode gathers from memory.
 """
 
 from __future__ import annotations
 
 import struct
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import ClassVar
 
 import torch
 
-from iai_dist.config import ConfigError, TaskConfig
-from iai_dist.tasks.base import Episode, TaskFamily, register
-from iai_dist.tasks.rng import EpisodeRNG, permute
+from iai_dist.config import TaskConfig
+from iai_dist.tasks.base import register
+from iai_dist.tasks.pooled import SPLITS, DataError, Pool, PooledClassification, group_by_class
 
-SPLITS = ("train", "test")
 IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
              "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 DEBIAN_FASHION = "/usr/share/datasets/fashion-mnist"  # Debian's dataset-fashion-mnist: the four .gz files
@@ -35,34 +26,12 @@ DIGITS_TEST = 360  # scikit-learn's digits have no split: the last 360 of the 1,
 LOADS: Counter = Counter()  # (family, split) -> reads from disk in this process (tests: never per episode)
 
 
-class DataError(ConfigError):
-    """Image data that is missing or broken: one line naming the root, the files and the command that fixes it."""
-
-
-@dataclass
-class Pool:
-    """One split of a data set in memory: uint8 images grouped by class (class c is rows start[c]:start[c]+count[c])."""
-
-    images: torch.Tensor  # [n, channels, size, size] uint8
-    labels: torch.Tensor  # [n] int64, non-decreasing
-    start: torch.Tensor  # [classes]
-    count: torch.Tensor  # [classes]
-    mean: float  # pixel mean and std in [0, 1] units (from a histogram of the uint8 values: exact)
-    std: float
-
-    def to(self, device) -> "Pool":
-        move = lambda t: t.to(device)  # noqa: E731
-        return Pool(move(self.images), move(self.labels), move(self.start), move(self.count), self.mean, self.std)
-
-
 _POOLS: dict[tuple, Pool] = {}  # the process-wide cache behind "loads once"
 
 
-class ImageClassification(TaskFamily):
+class ImageClassification(PooledClassification):
     """Subclasses name the data set; `_read(split)` returns (uint8 images [n, c, h, w], int64 labels [n])."""
 
-    kind = "classification"
-    natural_model = "linear"  # softmax-linear on the features, for the baselines
     classes: ClassVar[int] = 10
     channels: ClassVar[int] = 1
     needs_root: ClassVar[bool] = True  # false for data shipped inside a package (digits)
@@ -83,15 +52,8 @@ class ImageClassification(TaskFamily):
     def __init__(self, cfg: TaskConfig):
         super().__init__(cfg)
         self.root = Path(cfg.image.root).expanduser().resolve()
-        per_class_query = -(-cfg.query_size // cfg.num_classes)
         self.pools = {split: self._pool(split) for split in SPLITS}
-        for split, pool in self.pools.items():
-            smallest = int(pool.count.min())
-            if smallest <= per_class_query:
-                raise DataError(
-                    f"{self.name}: task.query_size={cfg.query_size} puts {per_class_query} images of each class in "
-                    f"the query set, but the {split} split's smallest class has {smallest} images (and the context "
-                    "needs at least one more); lower task.query_size")
+        self._check_query_size("images")
         self.affine = {split: self._affine(pool) for split, pool in self.pools.items()}
         self._on_device: dict[tuple[str, str], tuple[Pool, torch.Tensor]] = {}
         self._projection: dict[str, torch.Tensor] = {}
@@ -126,40 +88,15 @@ class ImageClassification(TaskFamily):
     def _where(self, split: str) -> str:
         return f"{self.name} {split} split under {self.root}"
 
-    # -- sampling --
-    def sample(self, seed, indices, num_batches=None, device="cpu", split="train") -> Episode:
-        """As TaskFamily.sample, from `split`'s images; truth holds the data-set classes behind the labels
-        ([T, N]) and the pool rows drawn (for tests)."""
-        k = self.cfg.steps if num_batches is None else num_batches
-        b, q, n = self.cfg.batch_size, self.cfg.query_size, self.cfg.num_classes
-        pool, affine = self._pool_on(split, device)
-        rng = EpisodeRNG(seed, indices, device)
-        # label l of this episode stands for data-set class classes[:, l]: N classes, in random order
-        classes = rng.bits("classes", self.classes).argsort(dim=-1, stable=True)[:, :n]
-        # a mini-batch is (a random permutation of 0..B-1, plus a random offset) mod N: balanced, shuffled
-        order = rng.bits("label_order", k * b).view(-1, k, b).argsort(dim=-1, stable=True)
-        y = (order + rng.bits("label_offset", k).unsqueeze(-1)) % n  # [T, k, B]
-        yq = (torch.arange(q, device=rng.device) + rng.bits("query_offset", 1)) % n  # [T, Q]
-        # one pseudo-random order of each class's images per episode: the context reads it from the front,
-        # wrapping before the last ceil(Q/N) images, which the query set reads from the back
-        keys = rng.bits("image_order", n)  # [T, N]
-        reserved = -(-q // n)
-        y_flat = y.flatten(1)
+    # -- features of pool rows --
+    def _features_of(self, split, rows, device):
+        pool, affine = self._on(split, device)
+        return self._features(pool.data[rows], affine[rows], device)
 
-        def pick(labels: torch.Tensor, query: bool) -> torch.Tensor:
-            cls = classes.gather(1, labels)
-            count = pool.count[cls]
-            rank = _ranks(labels, n)
-            slot = count - 1 - rank if query else rank % (count - reserved)
-            return pool.start[cls] + permute(slot, keys.gather(1, labels), count)
+    def _pool_on(self, split, device):
+        return self._on(split, device)[0]
 
-        idx, idx_q = pick(y_flat, False), pick(yq, True)
-        x = self._features(pool.images[idx], affine[idx], device).view(-1, k, b, self.cfg.dim)
-        xq = self._features(pool.images[idx_q], affine[idx_q], device)
-        truth = {"classes": classes, "image": idx.view(-1, k, b), "image_query": idx_q}
-        return Episode(x, y, xq, yq, truth)
-
-    def _pool_on(self, split: str, device) -> tuple[Pool, torch.Tensor]:
+    def _on(self, split: str, device) -> tuple[Pool, torch.Tensor]:
         key = (split, str(torch.device(device)))
         if key not in self._on_device:
             self._on_device[key] = self.pools[split].to(device), self.affine[split].to(device)
@@ -168,9 +105,9 @@ class ImageClassification(TaskFamily):
     def _affine(self, pool: Pool) -> torch.Tensor:
         """[n, 2] per image (scale, shift) with features = pixel * scale + shift: the normalisation becomes one
         fused multiply-add when sampling (per-image statistics at sampling time cost 2/3 of a 28x28 episode)."""
-        norm, n = self.cfg.image.normalize, pool.images.shape[0]
+        norm, n = self.cfg.image.normalize, pool.data.shape[0]
         if norm == "image":  # each image to zero mean and unit variance, statistics computed once, in chunks
-            stats = [torch.std_mean(c.flatten(1).float().div(255.0), -1) for c in pool.images.split(8192)]
+            stats = [torch.std_mean(c.flatten(1).float().div(255.0), -1) for c in pool.data.split(8192)]
             std, mean = torch.cat([s for s, _ in stats]), torch.cat([m for _, m in stats])
             std = std.clamp_min(1e-3)
         elif norm == "dataset":  # the train split's pixel statistics, for both splits
@@ -202,31 +139,15 @@ def one_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
-def _ranks(labels: torch.Tensor, n: int) -> torch.Tensor:
-    """[T, P] labels -> how many earlier points of the episode share each point's label."""
-    onehot = torch.nn.functional.one_hot(labels, n)
-    return (onehot.cumsum(1) - onehot).gather(-1, labels.unsqueeze(-1)).squeeze(-1)
-
-
 def _to_pool(images: torch.Tensor, labels: torch.Tensor, classes: int, size: int, grayscale: bool, where: str) -> Pool:
     """Group by class, convert to grayscale and resize once: sampling never touches pixels beyond a gather."""
     from torchvision.transforms.v2 import functional as TF
 
-    if labels.numel() != images.shape[0]:
-        raise DataError(f"{where}: {images.shape[0]} images but {labels.numel()} labels; the files do not belong together")
-    bad = (labels < 0) | (labels >= classes)
-    if bool(bad.any()):
-        raise DataError(f"{where}: label {int(labels[bad][0])} is outside 0..{classes - 1}: the labels file is corrupt")
     if grayscale and images.shape[1] == 3:
         images = TF.rgb_to_grayscale(images)
     if images.shape[-1] != size or images.shape[-2] != size:
         images = TF.resize(images, [size, size], antialias=True)
-    order = torch.argsort(labels, stable=True)
-    images, labels = images[order].contiguous(), labels[order].contiguous()
-    count = torch.bincount(labels, minlength=classes)
-    if bool((count == 0).any()):
-        raise DataError(f"{where}: class {int((count == 0).nonzero()[0])} has no images")
-    start = torch.cumsum(count, 0) - count
+    images, labels, start, count = group_by_class(images, labels, classes, where)
     hist = torch.bincount(images.flatten(), minlength=256).double()
     values = torch.arange(256, dtype=torch.float64) / 255.0
     mean = float((hist * values).sum() / hist.sum())
