@@ -271,13 +271,14 @@ class ExperimentConfig(_Section):
     distributed: DistributedConfig = DistributedConfig()
 
     @model_validator(mode="after")
-    def _service_shape(self) -> "ExperimentConfig":
+    def _sections_fit_together(self) -> "ExperimentConfig":
         from iai_dist.tasks import FAMILIES
 
-        if self.regime.kind == "parametric" and self.regime.model == "mixture" and FAMILIES[self.task.family].kind != "generative":
+        kind = FAMILIES[self.task.family].kind
+        if self.regime.kind == "parametric" and self.regime.model == "mixture" and kind != "generative":
             raise ValueError(f"regime.model 'mixture' is a density model for generative families; task.family "
-                             f"{self.task.family!r} is {FAMILIES[self.task.family].kind}")
-        if self.tracking.register and FAMILIES[self.task.family].kind == "generative":
+                             f"{self.task.family!r} is {kind}")
+        if self.tracking.register and kind == "generative":
             raise ValueError("tracking.register: the MLflow model predicts targets of query rows (regression and "
                              f"classification); {self.task.family} is generative and logs no model")
         if self.regime.memory == "observations" and self.task.dim > 128:

@@ -26,6 +26,7 @@ class GenerativeFamily(TaskFamily):
 
     kind = "generative"
     natural_model = "mlp"  # the baselines' vector field: a one-hidden-layer MLP on [x_t, t]
+    heldout_split_differs = False  # whether 'test' tasks come from other distributions than 'train' ones
 
     @property
     def data_dim(self) -> int:
@@ -181,6 +182,8 @@ class Alphabet(GenerativeFamily):
     """2-D point clouds uniform on the filled glyph of a letter, under a random affine map per task (rotation
     within +-25 degrees, scales 0.8-1.2 per axis, shear within +-0.2, shift within +-0.5). Training tasks draw
     from `task.generative.letters`, evaluation ('test') from the disjoint `heldout_letters`: out of distribution."""
+
+    heldout_split_differs = True
 
     @classmethod
     def check_config(cls, cfg: TaskConfig) -> None:
