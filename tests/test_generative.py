@@ -12,6 +12,7 @@ from iai_dist.learner import train_in_process
 from iai_dist.regimes.functional import MixtureFieldFn
 from iai_dist.tasks import build_family
 from iai_dist.tasks.generative import GLYPH_GRID, glyph_cells
+from iai_dist.tasks.rng import EpisodeRNG
 
 GENERATIVE = ("gaussian_mixture", "alphabet")
 
@@ -41,8 +42,6 @@ def test_episodes_are_flow_pairs_of_the_tasks_samples_and_reproducible(name):
 def test_alphabet_samples_lie_on_the_letter_and_held_out_letters_are_other_letters():
     fam = family_of("alphabet")
     for split, letters in (("train", fam.cfg.generative.letters), ("test", fam.cfg.generative.heldout_letters)):
-        from iai_dist.tasks.rng import EpisodeRNG
-
         rng = EpisodeRNG(0, torch.arange(40))
         task = fam._task(rng, split)
         assert set(fam.letter_names(task["letter"])) <= set(letters)
