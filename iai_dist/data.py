@@ -121,9 +121,13 @@ def embed(name: str, backbone: str, weights: str | Path, out: str | Path, root: 
                           f"images/s | {device}", flush=True)
         path = out / f"{split}.npz"
         tmp = out / f".{split}.tmp.npz"
-        np.savez(tmp, features=torch.cat(feats).numpy(), labels=pool.labels.numpy())
+        features = torch.cat(feats).numpy()
+        np.savez(tmp, features=features, labels=pool.labels.numpy())
         os.replace(tmp, path)
         written[split] = path
+    print(f"wrote {written['train']} and {written['test']} ({features.shape[1]} features); train on them with\n"
+          f"  --set task.family=embeddings --set task.dim={features.shape[1]} --set task.embeddings.train="
+          f"{written['train']} --set task.embeddings.test={written['test']}")
     return written
 
 
@@ -199,17 +203,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "embed":
         try:
-            written = embed(args.name, args.backbone, args.weights, args.out, args.root, args.size, args.batch,
-                            args.device)
+            embed(args.name, args.backbone, args.weights, args.out, args.root, args.size, args.batch, args.device)
         except DataError as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 2
-        import numpy as np
-
-        dim = np.load(written["train"])["features"].shape[1]
-        print(f"wrote {written['train']} and {written['test']} ({dim} features); train on them with\n"
-              f"  --set task.family=embeddings --set task.dim={dim} --set task.embeddings.train={written['train']} "
-              f"--set task.embeddings.test={written['test']}")
         return 0
     try:
         written = stage(args.name, args.src, args.root)

@@ -24,11 +24,13 @@ import torch
 from iai_dist import baselines
 from iai_dist.refiner import IterativeModel
 from iai_dist.reporting import report_steps
+from iai_dist.rollout import refined_states
 from iai_dist.tasks import Episode
 
 MMD_BANDWIDTHS = (0.1, 0.3, 1.0)  # a sum of Gaussian kernels at the scales of a glyph's stroke and of a task
 PROJECTIONS = 256  # directions of the sliced Wasserstein distance (fixed: the same for every model and run)
 IMPLICIT_CHUNK = 128  # query points per row when the implicit regime refines a field at generation points
+TASKS_AT_ONCE = 16  # tasks scored together (an MMD holds [tasks, samples, samples] kernel matrices)
 
 
 def integrate(velocity, x0: torch.Tensor, steps: int) -> torch.Tensor:
@@ -85,31 +87,23 @@ def refiner_fields(model: IterativeModel, ep: Episode, steps: list[int]) -> tupl
     (each query reads only itself and the mini-batches, so chunking the points into rows changes nothing);
     it has no state to return.
     """
-    t = ep.num_tasks
     if not model.regime.state_tokens_see_each_other:  # implicit
 
         def field(s: int):
             def v(points: torch.Tensor) -> torch.Tensor:
-                n = points.shape[1]
+                t, n = points.shape[:2]
                 rows = -(-n // IMPLICIT_CHUNK)
-                pad = rows * IMPLICIT_CHUNK - n
-                pts = torch.nn.functional.pad(points, (0, 0, 0, pad)).reshape(t * rows, IMPLICIT_CHUNK, -1)
-                state = model.initial_state(pts)
-                for i in range(s):
-                    x, y = (a.repeat_interleave(rows, 0) for a in ep.minibatch(i))
-                    state = model.step(state, x, y, None, torch.full((t * rows,), i, device=pts.device), pts)
+                pts = torch.nn.functional.pad(points, (0, 0, 0, rows * IMPLICIT_CHUNK - n))
+                pts = pts.reshape(t * rows, IMPLICIT_CHUNK, -1)
+                at_points = Episode(ep.x.repeat_interleave(rows, 0), ep.y.repeat_interleave(rows, 0), pts,
+                                    pts.new_empty(t * rows, 0))  # the same mini-batches, queried at pts
+                *_, state = refined_states(model, at_points, s)
                 return model.predict(state, pts).reshape(t, rows * IMPLICIT_CHUNK, -1)[:, :n]
             return v
 
         return {s: field(s) for s in steps}, {}
-    fields, states, state = {}, {}, model.initial_state(ep.x_query)
-    for i in range(max(steps)):
-        x, y = ep.minibatch(i)
-        state = model.step(state, x, y, model.signal(state, x, y), torch.full((t,), i, device=x.device), ep.x_query)
-        if i + 1 in steps:
-            states[i + 1] = state
-            fields[i + 1] = lambda points, st=state: model.predict(st, points)
-    return fields, states
+    states = {i: state for i, state in enumerate(refined_states(model, ep, max(steps))) if i in steps}
+    return {s: (lambda points, st=st: model.predict(st, points)) for s, st in states.items()}, states
 
 
 def em_fit(samples: torch.Tensor, components: int):
@@ -179,8 +173,8 @@ def sample_quality(model: IterativeModel, one_step: IterativeModel | None, cfg, 
     result = {"steps": steps, "tasks": ec.sample_tasks, "samples": ec.samples, "sets": {}}
     for split, seed in sets.items():
         totals: dict = {}
-        for start in range(0, ec.sample_tasks, 16):
-            idx = torch.arange(start, min(start + 16, ec.sample_tasks))
+        for start in range(0, ec.sample_tasks, TASKS_AT_ONCE):
+            idx = torch.arange(start, min(start + TASKS_AT_ONCE, ec.sample_tasks))
             ep = family.sample(seed, idx, num_batches=max(steps), device=device, split=split)
             true_a = family.true_samples(seed, idx, ec.samples, device, split)
             true_b = family.true_samples(seed, idx, ec.samples, device, split, stream="heldout_b")

@@ -84,17 +84,22 @@ def make_transitions(model: IterativeModel, ep: Episode, version: int = 0, first
     )
 
 
+def refined_states(model: IterativeModel, ep: Episode, num_steps: int):
+    """The states after steps 0..num_steps of refining on ep's mini-batches with its query points (a generator)."""
+    state = model.initial_state(ep.x_query)
+    yield state
+    for i in range(num_steps):
+        x, y = ep.minibatch(i)
+        state = model.step(state, x, y, model.signal(state, x, y), _steps(i, ep.num_tasks, ep.x.device), ep.x_query)
+        yield state
+
+
 @torch.no_grad()
 def refine(model: IterativeModel, ep: Episode, num_steps: int | None = None) -> list[torch.Tensor]:
     """Query error terms (numerator, denominator per task, stacked [2, T]) after steps 0..num_steps."""
     n = ep.num_batches if num_steps is None else num_steps
-    state = model.initial_state(ep.x_query)
-    terms = [torch.stack(model.family.error_terms(model.predict(state, ep.x_query), ep.y_query))]
-    for i in range(n):
-        x, y = ep.minibatch(i)
-        state = model.step(state, x, y, model.signal(state, x, y), _steps(i, ep.num_tasks, ep.x.device), ep.x_query)
-        terms.append(torch.stack(model.family.error_terms(model.predict(state, ep.x_query), ep.y_query)))
-    return terms
+    return [torch.stack(model.family.error_terms(model.predict(state, ep.x_query), ep.y_query))
+            for state in refined_states(model, ep, n)]
 
 
 def _steps(i: int, t: int, device) -> torch.Tensor:

@@ -103,17 +103,6 @@ class Embeddings(PooledClassification):
                 x = (x - mean) / std.clamp_min(1e-6)
             self.pools[split] = Pool(*group_by_class(x, y, classes, where, what="rows"))
         self._check_query_size("rows")
-        self._on_device: dict[tuple[str, str], Pool] = {}
-
-    def __reduce__(self):
-        """Pickled as its config: a worker process reads the files itself (once) instead of receiving them."""
-        return type(self), (self.cfg,)
-
-    def _pool_on(self, split, device):
-        key = (split, str(torch.device(device)))
-        if key not in self._on_device:
-            self._on_device[key] = self.pools[split].to(device)
-        return self._on_device[key]
 
     def _features_of(self, split, rows, device):
         return self._pool_on(split, device).data[rows]

@@ -29,10 +29,6 @@ class GenerativeFamily(TaskFamily):
     heldout_split_differs = False  # whether 'test' tasks come from other distributions than 'train' ones
 
     @property
-    def data_dim(self) -> int:
-        return self.cfg.dim
-
-    @property
     def x_dim(self) -> int:
         return self.cfg.dim + 1  # [x_t, t]
 

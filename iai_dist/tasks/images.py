@@ -55,13 +55,7 @@ class ImageClassification(PooledClassification):
         self.pools = {split: self._pool(split) for split in SPLITS}
         self._check_query_size("images")
         self.affine = {split: self._affine(pool) for split, pool in self.pools.items()}
-        self._on_device: dict[tuple[str, str], tuple[Pool, torch.Tensor]] = {}
         self._projection: dict[str, torch.Tensor] = {}
-
-    def __reduce__(self):
-        """Pickled as its config: a worker process (a Ray actor) rebuilds the family and loads the data once
-        there, instead of receiving the images inside every message."""
-        return type(self), (self.cfg,)
 
     # -- loading: once per process for each (data set, root, split, size, grayscale) --
     def _pool(self, split: str) -> Pool:
@@ -90,17 +84,8 @@ class ImageClassification(PooledClassification):
 
     # -- features of pool rows --
     def _features_of(self, split, rows, device):
-        pool, affine = self._on(split, device)
-        return self._features(pool.data[rows], affine[rows], device)
-
-    def _pool_on(self, split, device):
-        return self._on(split, device)[0]
-
-    def _on(self, split: str, device) -> tuple[Pool, torch.Tensor]:
-        key = (split, str(torch.device(device)))
-        if key not in self._on_device:
-            self._on_device[key] = self.pools[split].to(device), self.affine[split].to(device)
-        return self._on_device[key]
+        affine = self._on("affine", split, device, self.affine[split])
+        return self._features(self._pool_on(split, device).data[rows], affine[rows], device)
 
     def _affine(self, pool: Pool) -> torch.Tensor:
         """[n, 2] per image (scale, shift) with features = pixel * scale + shift: the normalisation becomes one

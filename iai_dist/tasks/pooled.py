@@ -74,8 +74,24 @@ class PooledClassification(TaskFamily):
                     f"the query set, but the {split} split's smallest class has {smallest} {what} (and the context "
                     "needs at least one more); lower task.query_size")
 
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self._device_copies: dict[tuple, object] = {}
+
+    def __reduce__(self):
+        """Pickled as its config: a worker process (a Ray actor) rebuilds the family and loads the data once
+        there, instead of receiving it inside every message."""
+        return type(self), (self.cfg,)
+
+    def _on(self, what: str, split: str, device, value):
+        """`value` (a Pool or tensor of `split`) on device, moved there once per process."""
+        key = (what, split, str(torch.device(device)))
+        if key not in self._device_copies:
+            self._device_copies[key] = value.to(device)
+        return self._device_copies[key]
+
     def _pool_on(self, split: str, device) -> Pool:
-        raise NotImplementedError
+        return self._on("pool", split, device, self.pools[split])
 
     def _features_of(self, split: str, rows: torch.Tensor, device) -> torch.Tensor:
         """Pool rows [...] of `split` -> float features [..., task.dim] on device."""
