@@ -69,6 +69,10 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
     "mlpreg/parametric/obs+grad+observations": ("mlpreg", ["regime.memory=observations"]),
     # non-greedy: every query loss backpropagated through the whole episode (train.unroll = K)
     "linreg-paper/parametric/obs+grad+unroll": ("linreg-paper", ["train.unroll=10"]),
+    "mlpreg/parametric/obs+grad+unroll": ("mlpreg", ["train.unroll=10"]),
+    # learned memory slots (regime.memory=learned), which only the unrolled objective can teach
+    "linreg-paper/parametric/obs+grad+unroll+learned": ("linreg-paper", ["train.unroll=10", "regime.memory=learned"]),
+    "mlpreg/parametric/obs+grad+unroll+learned": ("mlpreg", ["train.unroll=10", "regime.memory=learned"]),
 }
 # DESIGN.md reference figures (error % after mini-batches 1 / 5 / 10), for the linreg-paper rows.
 REFERENCE = {

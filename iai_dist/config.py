@@ -80,9 +80,12 @@ class RegimeConfig(_Section):
     obs_predictions: bool = True
     # Memory in the state beside theta/z, updated by formula each step (beyond the paper; VectorStateRegime):
     # "moments": gradient moments at each of memory_decays (what learned optimizers such as VeLO read);
-    # "observations": running means of [x,1][x,1]^T and [x,1] e(y)^T, as d + 1 extra tokens (d <= 128).
-    memory: Literal["none", "moments", "observations"] = "none"
+    # "observations": running means of [x,1][x,1]^T and [x,1] e(y)^T, as d + 1 extra tokens (d <= 128);
+    # "learned": memory_slots tokens of chunk_size entries that the refiner writes like theta and f never reads
+    # (what to keep is learned, so it needs train.unroll >= 2: a greedy loss never reaches a slot's writer).
+    memory: Literal["none", "moments", "observations", "learned"] = "none"
     memory_decays: tuple[float, ...] = (0.5, 0.9, 0.99)
+    memory_slots: PositiveInt = 4
 
     @model_validator(mode="after")
     def _implicit_has_no_gradient(self) -> "RegimeConfig":
@@ -93,8 +96,8 @@ class RegimeConfig(_Section):
         if (self.pretrain_steps or self.f_gamma_lr_scale != 1) and self.kind != "explicit":
             raise ValueError(f"pretrain_steps and f_gamma_lr_scale are about the explicit regime's f_gamma; "
                              f"regime.kind is {self.kind!r}")
-        if self.memory == "observations" and self.kind == "implicit":
-            raise ValueError("memory 'observations' is for the parametric and explicit regimes, not implicit")
+        if self.memory in ("observations", "learned") and self.kind == "implicit":
+            raise ValueError(f"memory {self.memory!r} is for the parametric and explicit regimes, not implicit")
         if not self.memory_decays or not all(0 < b < 1 for b in self.memory_decays):
             raise ValueError(f"memory_decays: expected decays strictly between 0 and 1, got {list(self.memory_decays)}")
         return self
@@ -229,6 +232,9 @@ class ExperimentConfig(_Section):
         if self.regime.memory == "observations" and self.task.dim > 128:
             raise ValueError(f"regime.memory 'observations' keeps (d + 1)^2 statistics per task: task.dim {self.task.dim} "
                              "is over 128; use memory 'moments' or a smaller d")
+        if self.regime.memory == "learned" and self.train.unroll < 2:
+            raise ValueError("regime.memory 'learned': the refiner writes the memory slots, and only a loss that reaches "
+                             "back through a step teaches it what to write; set train.unroll >= 2 (it is 1)")
         d = self.distributed
         if d.num_workers == 0:
             if d.episode_workers:

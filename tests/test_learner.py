@@ -221,8 +221,10 @@ def test_unroll_backpropagates_through_each_block_of_steps(tiny_cfg, kind, signa
     assert any(a is not None and not torch.allclose(a, b) for a, b in zip(g_greedy, g_unrolled))
 
 
-def test_an_unrolled_model_learns_to_refine(tiny_cfg):
-    cfg = tiny_cfg.with_overrides({"task.steps": 5, "train.max_steps": 150, "train.lr": 3e-3, "train.unroll": 5})
+@pytest.mark.parametrize("memory", ["none", "learned"])
+def test_an_unrolled_model_learns_to_refine(tiny_cfg, memory):
+    cfg = tiny_cfg.with_overrides({"task.steps": 5, "train.max_steps": 150, "train.lr": 3e-3, "train.unroll": 5,
+                                   "regime.memory": memory})
     learner, _ = quiet_train(cfg, None)
     ep = learner.family.sample(cfg.eval.seed, torch.arange(256))
     err = [float(t[0].sum() / t[1].sum()) for t in refine(learner.model, ep)]

@@ -195,6 +195,43 @@ def test_observation_memory_carries_the_running_statistics_of_every_point_seen(f
                               m.step(other, *ep.minibatch(2), grad, step, ep.x_query)[:, : r.state_dim])
 
 
+@pytest.mark.parametrize("kind", ["parametric", "explicit"])
+def test_learned_memory_slots_are_written_by_the_refiner_and_never_read_by_f(kind):
+    """memory=learned: M slot tokens after v's chunk tokens, starting from a learned (distinct) value; the refiner
+    reads and updates them like v's chunks, f's predictions and the gradient never see them."""
+    cfg, fam, m = build("linear_regression", kind, "obs+grad", "linear", **{"regime.memory": "learned",
+                                                                             "regime.memory_slots": 3, "train.unroll": 2})
+    r, n, c = m.regime, 4, 5
+    ep = fam.sample(0, torch.arange(n))
+    state = m.initial_state(ep.x_query)
+    p = r.state_dim
+    assert r.num_state_tokens == -(-p // c) + 3 and state.shape == (n, p + 3 * c)
+    slots = state[0, p:].view(3, c)
+    assert torch.equal(state[:, p:], r.slots0.expand(n, -1)) and not torch.allclose(slots[0], slots[1])
+    x, y = ep.minibatch(0)
+    grad = m.signal(state, x, y)
+    assert grad.shape == (n, p)
+    tokens = r.state_tokens(state, grad, ep.x_query)
+    assert tokens.shape == (n, r.num_state_tokens, 3 * c)
+    assert torch.equal(tokens[:, -3:, :c], state[:, p:].view(n, 3, c)) and torch.all(tokens[:, -3:, c:] == 0)
+    other = torch.cat([state[:, :p], state[:, p:] + 1], 1)
+    torch.testing.assert_close(m.predict(other, ep.x_query), m.predict(state, ep.x_query))
+    torch.testing.assert_close(m.signal(other, x, y), grad)
+    torch.nn.init.normal_(m.refiner.out.weight)
+    step = torch.zeros(n, dtype=torch.long)
+    new, new_other = m.step(state, x, y, grad, step, ep.x_query), m.step(other, x, y, grad, step, ep.x_query)
+    assert not torch.allclose(new[:, p:], state[:, p:])  # the refiner writes the slots
+    assert not torch.allclose(new[:, :p], new_other[:, :p])  # and reads them
+
+
+def test_learned_memory_is_refused_where_it_cannot_learn():
+    with pytest.raises(ConfigError, match="set train.unroll >= 2"):
+        load_config("tiny", overrides=["regime.memory=learned"])
+    with pytest.raises(ConfigError, match="parametric and explicit"):
+        load_config("tiny", overrides=["regime.kind=implicit", "regime.signal=obs", "regime.memory=learned",
+                                       "train.unroll=2"])
+
+
 def test_observation_memory_is_refused_where_it_cannot_work():
     with pytest.raises(ConfigError, match="parametric and explicit"):
         load_config("tiny", overrides=["regime.kind=implicit", "regime.signal=obs", "regime.memory=observations"])

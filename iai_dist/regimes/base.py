@@ -75,9 +75,14 @@ class VectorStateRegime(Regime):
     target, C_xx is the mean of x~ x~^T and C_xy that of x~ e(y)^T over all n points seen so far (for linear
     regression these are sufficient: the posterior mean is a function of them). They reach the refiner as
     d + 1 read-only memory tokens, token i = [row i of C_xx, row i of C_xy, log(1 + n)].
+
+    With memory "learned" the state row is [v | slot_1 .. slot_M]: M slots of `chunk` entries after v's chunk
+    tokens, read and written by the refiner exactly like v's chunks (their gradient features are zero) but never
+    read by f, so what a slot keeps is whatever helps later steps' updates. Their start is learned (random, so the
+    slots differ); only train.unroll >= 2 lets a later step's loss reach the update that wrote them.
     """
 
-    def _setup_tokens(self, state_dim: int) -> None:
+    def _setup_tokens(self, state_dim: int, generator: torch.Generator) -> None:
         self.state_dim = state_dim
         self.decays = tuple(self.cfg.memory_decays) if self.cfg.memory == "moments" else ()
         self.observes = self.cfg.memory == "observations"
@@ -85,7 +90,11 @@ class VectorStateRegime(Regime):
             a, o = self.family.x_dim + 1, self.family.out_dim
             self.num_memory_tokens, self.memory_feature_dim = a, a + o + 1
         self.chunk = min(self.cfg.chunk_size, state_dim)
-        self.num_state_tokens = math.ceil(state_dim / self.chunk)
+        self.num_param_tokens = math.ceil(state_dim / self.chunk)
+        self.slots = self.cfg.memory_slots if self.cfg.memory == "learned" else 0
+        self.num_state_tokens = self.num_param_tokens + self.slots
+        if self.slots:
+            self.slots0 = nn.Parameter(torch.randn(self.slots * self.chunk, generator=generator))
         memory_feats = 2 * len(self.decays) + 1 if self.decays else 0
         self.state_feature_dim = self.chunk * ((3 if self.uses_grad else 1) + memory_feats)
         self.update_dim = self.chunk
@@ -103,6 +112,8 @@ class VectorStateRegime(Regime):
         if self.observes:
             a = self.num_memory_tokens
             return torch.cat([v, v.new_zeros(v.shape[0], a * (a + self.family.out_dim) + 1)], 1)
+        if self.slots:
+            return torch.cat([v, self.slots0.expand(v.shape[0], -1)], 1)
         return v
 
     def _statistics(self, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -135,10 +146,17 @@ class VectorStateRegime(Regime):
         return torch.cat([self.params(state), means.flatten(1), weights], 1)
 
     def _chunks(self, v: torch.Tensor) -> torch.Tensor:
-        pad = self.num_state_tokens * self.chunk - v.shape[1]
-        return nn.functional.pad(v, (0, pad)).view(v.shape[0], self.num_state_tokens, self.chunk)
+        pad = self.num_param_tokens * self.chunk - v.shape[1]
+        return nn.functional.pad(v, (0, pad)).view(v.shape[0], self.num_param_tokens, self.chunk)
 
     def state_tokens(self, state, grad, x_query):
+        tokens = self._param_tokens(state, grad)
+        if not self.slots:
+            return tokens
+        slots = state[:, self.state_dim :].view(state.shape[0], self.slots, self.chunk)
+        return torch.cat([tokens, nn.functional.pad(slots, (0, tokens.shape[-1] - self.chunk))], 1)
+
+    def _param_tokens(self, state, grad):
         feats = [self._chunks(self.params(state))]
         if self.uses_grad:
             rms = grad.pow(2).mean(1, keepdim=True).sqrt().clamp_min(1e-12)
@@ -159,5 +177,7 @@ class VectorStateRegime(Regime):
         return torch.cat([xx, xy, torch.log1p(count).unsqueeze(1).expand(-1, xx.shape[1], 1)], -1)
 
     def apply_update(self, state, update):
-        v = self.params(state) + update.flatten(1)[:, : self.state_dim]
+        v = self.params(state) + update[:, : self.num_param_tokens].flatten(1)[:, : self.state_dim]
+        if self.slots:
+            return torch.cat([v, state[:, self.state_dim :] + update[:, self.num_param_tokens :].flatten(1)], 1)
         return torch.cat([v, state[:, self.state_dim :]], 1) if state.shape[1] > self.state_dim else v

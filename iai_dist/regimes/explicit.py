@@ -63,7 +63,7 @@ class ExplicitRegime(VectorStateRegime):
         super().__init__(family, cfg)
         self.f_gamma = LatentPredictor(family.x_dim, cfg.latent_dim, cfg.hidden, family.out_dim, cfg.conditioning)
         self.z0 = nn.Parameter(torch.zeros(cfg.latent_dim))
-        self._setup_tokens(cfg.latent_dim)
+        self._setup_tokens(cfg.latent_dim, generator)
 
     def pretrain(self, seed: int, steps: int, tasks: int = PRETRAIN_TASKS) -> float:
         """Auto-decode f_gamma on the first `tasks` episodes of the training stream `seed` (context and query

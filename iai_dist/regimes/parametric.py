@@ -16,7 +16,7 @@ class ParametricRegime(VectorStateRegime):
         super().__init__(family, cfg)
         self.fn = build_fn(cfg.model, family.x_dim, family.out_dim, cfg.hidden, family.cfg.generative.components)
         self.theta0 = nn.Parameter(self.fn.init(generator))
-        self._setup_tokens(self.fn.num_params)
+        self._setup_tokens(self.fn.num_params, generator)
 
     def initial_state(self, x_query):
         return self.with_memory(self.theta0.expand(x_query.shape[0], -1))
