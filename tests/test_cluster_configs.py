@@ -74,3 +74,26 @@ def test_deploy_yaml_is_a_rayjob_with_head_gpu_workers_mlflow_and_shared_storage
     d = cfg.distributed
     gpus = sum(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) * g["replicas"] for g in gpu)
     assert gpus >= d.num_workers + d.episode_workers * d.episode_worker_gpus
+
+
+def test_a_job_on_a_cluster_spanning_machines_refuses_relative_data_paths(tmp_path):
+    """Episode workers on every node read the family's files: a relative image root or embeddings file (which
+    each node would resolve against its own working directory) stops the job, naming the field."""
+    from iai_dist.config import ConfigError
+    from iai_dist.service.capacity import from_autoscaling_config
+    from iai_dist.service.runtime import check_shared_paths
+
+    aws = from_autoscaling_config(yaml.safe_load((ROOT / "cluster" / "aws.yaml").read_text()), "aws.yaml")
+    runs = str(tmp_path / "runs")
+    off = ["tracking.enabled=false"]
+    emb = ["task.family=embeddings", "task.embeddings.train=/shared/emb/train.npz"]
+    with pytest.raises(ConfigError, match=r"task.embeddings.test: 'emb/test.npz' is relative and this cluster spans "
+                                          r"machines \(1 x head .*, from aws.yaml\)"):
+        check_shared_paths(load_config("tiny", overrides=[*off, *emb, "task.embeddings.test=emb/test.npz"]), runs, None, aws)
+    with pytest.raises(ConfigError, match="task.image.root: 'data' is relative"):
+        check_shared_paths(load_config("fashion-mnist-8x8", overrides=[*off, "task.image.root=data"]), runs, None, aws)
+    accepted = [("tiny", [*emb, "task.embeddings.test=~/emb/test.npz"]), ("tiny", []),
+                ("fashion-mnist-8x8", ["task.image.root=/shared/data"]),
+                ("digits", ["task.image.root=data"])]  # digits ship inside scikit-learn: no root is read
+    for preset, sets in accepted:
+        check_shared_paths(load_config(preset, overrides=[*off, *sets]), runs, None, aws)

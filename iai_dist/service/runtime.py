@@ -12,7 +12,8 @@ from typing import Iterator
 import ray
 
 from iai_dist.config import ConfigError, ExperimentConfig
-from iai_dist.service.capacity import cluster_capacity
+from iai_dist.service.capacity import Capacity, cluster_capacity
+from iai_dist.tasks import FAMILIES
 
 
 def cpus_needed(cfg: ExperimentConfig) -> int:
@@ -58,16 +59,23 @@ def leave_job_package() -> None:
         os.chdir(Path.home() if Path.home().is_dir() else "/")
 
 
-def check_shared_paths(cfg: ExperimentConfig, runs_dir: str, tracking_uri: str | None) -> None:
-    """On a cluster that spans machines, refuse (before any work) what would land where other nodes cannot
-    read or write: a relative runs directory, an MLflow store in a local file."""
-    capacity = cluster_capacity()
+def check_shared_paths(cfg: ExperimentConfig, runs_dir: str, tracking_uri: str | None,
+                       capacity: Capacity | None = None) -> None:
+    """On a cluster that spans machines (`capacity`, default the connected cluster's), refuse before any work
+    what would land where other nodes cannot read or write: a relative runs directory or data path (episode
+    workers on every node read the family's files), an MLflow store in a local file."""
+    capacity = cluster_capacity() if capacity is None else capacity
     if not capacity.spans_machines:
         return
     where = f"this cluster spans machines ({capacity.describe()}, from {capacity.source})"
     if not Path(runs_dir).expanduser().is_absolute():
         raise ConfigError(f"tracking.runs_dir: {runs_dir!r} is relative and {where}: set an absolute path on "
                           "storage every node shares, e.g. --set tracking.runs_dir=/mnt/shared/runs")
+    for field, path in FAMILIES[cfg.task.family].data_paths(cfg.task).items():
+        if not Path(path).expanduser().is_absolute():
+            raise ConfigError(f"{field}: {path!r} is relative and {where}: episode workers on every node read it; "
+                              "set an absolute path that every node can read (shared storage, or a copy at the "
+                              "same path on each)")
     if cfg.tracking.enabled and tracking_uri and tracking_uri.split(":", 1)[0] in ("sqlite", "file"):
         raise ConfigError(f"MLflow store {tracking_uri} is a file on this machine and {where}: the learners log "
                           "from other nodes; set MLFLOW_TRACKING_URI to a tracking server (http://HOST:5000) "

@@ -68,6 +68,12 @@ class TaskFamily:
     def check_config(cls, cfg: TaskConfig) -> None:
         """Raise ValueError (one line for the user) for settings this family cannot run; called at config time."""
 
+    @classmethod
+    def data_paths(cls, cfg: TaskConfig) -> dict[str, str]:
+        """The config fields naming files this family reads, with their values (synthetic families: none). On a
+        cluster spanning machines every node reads them, so they must be absolute (check_shared_paths)."""
+        return {}
+
     @property
     def x_dim(self) -> int:
         return self.cfg.dim

@@ -83,6 +83,12 @@ class Embeddings(PooledClassification):
                 raise ValueError(f"task.embeddings.{split}: set the {split} split's file (a .npz or .pt with "
                                  "'features' and 'labels'; `python -m iai_dist.data embed` writes them)")
 
+    @classmethod
+    def data_paths(cls, cfg: TaskConfig) -> dict[str, str]:
+        e = cfg.embeddings
+        return {f"task.embeddings.{key}": path for key in ("train", "test", "train_labels", "test_labels")
+                if (path := getattr(e, key))}
+
     def __init__(self, cfg: TaskConfig):
         super().__init__(cfg)
         e = cfg.embeddings

@@ -49,6 +49,10 @@ class ImageClassification(PooledClassification):
                              f"x{channels} ({pixels} features); set task.dim={pixels}, or "
                              "task.image.features=projection to project them to task.dim")
 
+    @classmethod
+    def data_paths(cls, cfg: TaskConfig) -> dict[str, str]:
+        return {"task.image.root": cfg.image.root} if cls.needs_root else {}
+
     def __init__(self, cfg: TaskConfig):
         super().__init__(cfg)
         self.root = Path(cfg.image.root).expanduser().resolve()
