@@ -28,11 +28,18 @@ class TrialRow:
     error: str | None  # the failure, one line
     run_dir: Path
     mlflow_run_id: str | None
+    sw2: float | None = None  # generative families: sliced W2 of the refiner's samples after step K (held-out tasks)
 
     @property
     def final(self) -> float | None:
         """Error after step K; None when the trial never got there."""
         return self.errors[-1] if len(self.errors) == self.steps else None
+
+    @property
+    def score(self) -> float | None:
+        """What trials are ranked by: the samples' sliced W2 where there is one (generative: the flow-matching
+        loss is a proxy for sample quality), else the error after step K."""
+        return self.sw2 if self.sw2 is not None else self.final
 
 
 def short_params(params: dict[str, Any]) -> str:
@@ -46,12 +53,12 @@ def _fmt(value: Any) -> str:
 
 def ordered(rows: list[TrialRow]) -> list[TrialRow]:
     """Finished trials first, best first; then stopped early, unfinished, failed."""
-    return sorted(rows, key=lambda r: (STATUS_ORDER[r.status], r.final if r.final is not None else float("inf"), r.trial))
+    return sorted(rows, key=lambda r: (STATUS_ORDER[r.status], r.score if r.score is not None else float("inf"), r.trial))
 
 
 def best_trial(rows: list[TrialRow]) -> TrialRow | None:
-    finished = [r for r in rows if r.status == "finished" and r.final is not None]
-    return min(finished, key=lambda r: r.final) if finished else None
+    finished = [r for r in rows if r.status == "finished" and r.score is not None]
+    return min(finished, key=lambda r: r.score) if finished else None
 
 
 def _keys(rows: list[TrialRow], but: tuple[str, ...] = ()) -> list[str]:
@@ -67,26 +74,30 @@ def write_csv(rows: list[TrialRow], path: Path) -> Path:
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["trial", "status", *keys, "K", "learner_steps", "error_source", "error_at_K",
-                         *[f"error_step_{i}" for i in range(1, max_k + 1)], "failure", "mlflow_run_id"])
+                         *[f"error_step_{i}" for i in range(1, max_k + 1)], "sw2_at_K", "failure", "mlflow_run_id"])
         for r in ordered(rows):
             writer.writerow([r.trial, r.status, *[r.params.get(k, "") for k in keys], r.steps, r.learner_steps,
                              r.source, "" if r.final is None else r.final,
                              *[r.errors[i] if i < len(r.errors) else "" for i in range(max_k)],
-                             r.error or "", r.mlflow_run_id or ""])
+                             "" if r.sw2 is None else r.sw2, r.error or "", r.mlflow_run_id or ""])
     return path
 
 
 def markdown_table(rows: list[TrialRow], metric: str) -> str:
-    """Columns: the swept keys, K, and the error after steps 1, 2, 5 and each K the trials use."""
+    """Columns: the swept keys, K, the error after steps 1, 2, 5 and each K the trials use, and for generative
+    families the samples' sliced W2 after step K (what the trials are then ranked by)."""
     keys = _keys(rows, but=("task.steps",))  # it is the K column
     columns = sorted({s for r in rows for s in report_steps(r.steps, r.steps)})
-    head = ["trial", "status", *[k.rsplit(".", 1)[-1] for k in keys], "K", *[f"step {s}" for s in columns]]
+    samples = any(r.sw2 is not None for r in rows)
+    head = ["trial", "status", *[k.rsplit(".", 1)[-1] for k in keys], "K", *[f"step {s}" for s in columns],
+            *(["sliced W2 at K"] if samples else [])]
     lines = [f"{metric} on held-out episodes after each refinement step (finished trials: their evaluation; "
              "the others: the last held-out monitor)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in ordered(rows):
         cells = [r.trial, r.status, *[_fmt(r.params.get(k, "")) for k in keys], str(r.steps)]
         cells += [format_error(r.errors[s - 1]) if s <= len(r.errors) else "" for s in columns]
+        cells += ["" if r.sw2 is None else f"{r.sw2:.3g}"] if samples else []
         lines.append("| " + " | ".join(cells) + " |")
     failed = [r for r in rows if r.error]
     if failed:

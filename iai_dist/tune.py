@@ -104,7 +104,8 @@ def publish(rows, sweep_dir: Path, parent: Tracker, metric: str) -> str:
     if best is not None:
         parent.log_artifact(best.run_dir / "checkpoint.pt", "best_trial")
         parent.log_artifact(best.run_dir / "config.yaml", "best_trial")
-        parent.log_metrics({"sweep/best_error_at_K": best.final}, 0)
+        parent.log_metrics({"sweep/best_error_at_K": best.final}
+                           | ({} if best.sw2 is None else {"sweep/best_sw2_at_K": best.sw2}), 0)
     counts = {s: sum(r.status == s for r in rows) for s in ("finished", "stopped early", "unfinished", "failed")}
     parent.log_metrics({f"sweep/trials_{s.replace(' ', '_')}": n for s, n in counts.items()}, 0)
     parent.set_statuses({r.mlflow_run_id: "FAILED" if r.status == "failed" else "KILLED"
@@ -158,7 +159,8 @@ def main(argv: list[str] | None = None, on_trial=None) -> int:
     print()
     best = best_trial(rows)
     if best is not None:
-        print(f"best trial:  {best.trial} ({best.final:.3g}% after step {best.steps}); checkpoint "
+        samples = "" if best.sw2 is None else f", samples' sliced W2 {best.sw2:.3g}"
+        print(f"best trial:  {best.trial} ({best.final:.3g}% after step {best.steps}{samples}); checkpoint "
               f"{best.run_dir / 'checkpoint.pt'}")
         if args.register:
             version = parent.register_model(best.mlflow_run_id, args.register)

@@ -19,7 +19,7 @@ from ray import cloudpickle
 from iai_dist import tune
 from iai_dist.config import ConfigError
 from iai_dist.search_space import load_space, trial_overrides
-from iai_dist.sweep_report import TrialRow, markdown_table, seed_table
+from iai_dist.sweep_report import TrialRow, best_trial, markdown_table, seed_table
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the hook below runs inside the trials
 
@@ -334,3 +334,19 @@ def test_a_sweep_over_seeds_reports_mean_and_spread_per_setting():
     longer = [TrialRow(f"k{seed}", "finished", {"task.steps": 5, "train.seed": seed}, 5, ("parametric", "obs"), 10,
                        [50.0, 20.0, 10.0, 5.0, 1.0 + seed], "evaluation", None, Path("."), None) for seed in (0, 1)]
     assert "| 5 | 2 | 50.0 +- 0 | 20.0 +- 0 | 1.5 +- 0.707 |" in seed_table(longer + rows, "error %")  # K=2 rows: no step 5
+
+
+def test_generative_trials_are_ranked_by_their_samples_sliced_w2():
+    """The flow-matching loss is a proxy: where trials carry the samples' sliced W2 (generative families), the
+    table shows it and ranks and picks the best by it."""
+    def row(trial, loss, sw2, status="finished"):
+        return TrialRow(trial, status, {"regime.signal": trial}, 2, ("parametric", trial), 10, [90.0, loss],
+                        "evaluation", None, Path("."), None, sw2)
+
+    rows = [row("obs", 40.0, 0.31), row("grad", 35.0, 0.45), row("obs+grad", 38.0, None, status="stopped early")]
+    assert best_trial(rows).trial == "obs"  # not 'grad', whose flow-matching loss is lower
+    lines = [line for line in markdown_table(rows, "error %").splitlines() if line.startswith("| ")]
+    assert lines[0].endswith("| step 1 | step 2 | sliced W2 at K |")
+    assert [line.split(" | ")[0] for line in lines[1:]] == ["| obs", "| grad", "| obs+grad"]
+    assert lines[1].endswith("| 0.31 |") and lines[3].endswith("|  |")
+

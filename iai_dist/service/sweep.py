@@ -238,9 +238,13 @@ def _row(result, ended: dict[str, str], sweep_dir: Path, base: ExperimentConfig)
     run_dir = sweep_dir / TRIALS_DIR / trial_id
     summary_file = run_dir / "summary.json"
     status = ended.get(trial_id, "unfinished")  # unfinished: the sweep was interrupted; --resume continues it
+    sw2 = None
     if status == "finished" and summary_file.exists():
-        errors = json.loads(summary_file.read_text())["per_step"]["refiner"][1:cfg.task.steps + 1]
+        summary = json.loads(summary_file.read_text())
+        errors = summary["per_step"]["refiner"][1:cfg.task.steps + 1]
         source = "evaluation"
+        if "generative" in summary:
+            sw2 = summary["generative"]["sets"]["test"]["sw2"]["refiner"].get(str(cfg.task.steps))
     else:
         errors = [metrics[f"train/heldout_error/step_{i}"] for i in range(1, cfg.task.steps + 1)
                   if f"train/heldout_error/step_{i}" in metrics]
@@ -251,6 +255,6 @@ def _row(result, ended: dict[str, str], sweep_dir: Path, base: ExperimentConfig)
         regime=(cfg.regime.kind, cfg.regime.signal),
         learner_steps=int(metrics.get("learner_step", 0)), errors=[float(e) for e in errors], source=source,
         error=None if result.error is None or status != "failed" else error_line(result.error),
-        run_dir=run_dir, mlflow_run_id=run_id_file.read_text().strip() if run_id_file.exists() else None,
+        run_dir=run_dir, mlflow_run_id=run_id_file.read_text().strip() if run_id_file.exists() else None, sw2=sw2,
     )
 
