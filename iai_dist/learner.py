@@ -43,13 +43,29 @@ class ServiceError(RuntimeError):
 
 @dataclass
 class StepStats:
-    """One learner step, over the global batch (every rank's transitions)."""
+    """One learner step, over the global batch (every rank's transitions), as tensors on the learner's device:
+    reading one makes the host wait for the GPU, so the loop reads them only at log steps (`read`)."""
 
-    loss: float  # the objective's value: mean log query loss per step (relative) or mean query loss (uniform)
-    step_losses: list[float]  # mean query loss after each refinement step (index i = after step i+1)
-    step_errors: list[float]  # query error % after each refinement step, pooled over the batch
+    loss: torch.Tensor  # the objective's value: mean log query loss per step (relative) or mean query loss (uniform)
+    step_losses: torch.Tensor  # [K] mean query loss after each refinement step (index i = after step i+1)
+    step_errors: torch.Tensor  # [K] query error % after each refinement step, pooled over the batch
+    grad_norm: torch.Tensor
+    skipped: torch.Tensor  # 1 where a non-finite loss or gradient stopped the update, else 0
+
+    def read(self) -> "StepValues":
+        return StepValues(float(self.loss), self.step_losses.tolist(), self.step_errors.tolist(),
+                          float(self.grad_norm), bool(self.skipped))
+
+
+@dataclass
+class StepValues:
+    """StepStats read to the host: what progress lines and metrics show."""
+
+    loss: float
+    step_losses: list[float]
+    step_errors: list[float]
     grad_norm: float
-    skipped: bool  # a non-finite loss or gradient: no update was made
+    skipped: bool
 
 
 def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float) -> float:
@@ -67,15 +83,17 @@ def learner_step(objective: torch.nn.Module, optimizer: torch.optim.Optimizer, t
     optimizer.zero_grad(set_to_none=True)
     value, step_losses, errors = greedy_backward(objective, tr, cfg)
     # Decide on the gradient norm, not the local loss: under DDP every rank holds the same averaged
-    # gradients, so all ranks skip (or take) a non-finite step together and stay in lock-step.
-    grad_norm = float(torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.grad_clip))
-    finite = math.isfinite(grad_norm)
-    if finite:
-        for group in optimizer.param_groups:
-            group["lr"] = lr * group.get("lr_scale", 1.0)
-        optimizer.step()
+    # gradients, so all ranks skip (or take) a non-finite step together and stay in lock-step. The decision
+    # stays on the device: the fused AdamW leaves parameters, moments and its step count alone where
+    # found_inf is 1, so no step waits for the GPU to say whether it may update.
+    grad_norm = torch.nn.utils.clip_grad_norm_(objective.parameters(), cfg.grad_clip)
+    skipped = (~torch.isfinite(grad_norm)).float()
+    optimizer.found_inf = skipped
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)
+    optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepStats(float(value), step_losses.tolist(), errors.tolist(), grad_norm, skipped=not finite)
+    return StepStats(value.detach(), step_losses, errors, grad_norm.detach(), skipped)
 
 
 def param_groups(model: IterativeModel, cfg: ExperimentConfig) -> list[dict]:
@@ -109,10 +127,9 @@ class Learner:
         self.family = build_family(cfg.task)
         self.model = IterativeModel(cfg, self.family).to(self.device)
         tc = cfg.train
-        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=tc.lr)
+        self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=tc.lr, fused=True)
         self.step = 0  # learner steps taken, skipped ones included
-        self.skipped = 0
-        self.nonfinite_in_row = 0
+        self._skips = torch.zeros(2, device=self.device)  # [skipped steps, non-finite steps in a row], on device
         if tc.compile:
             self.model.refiner.compile()  # in place: state_dict keys (and checkpoints) stay the same
         self.world = world_size()
@@ -145,21 +162,34 @@ class Learner:
         tc = self.cfg.train
         return tc.lr * lr_multiplier(self.step, tc.warmup_steps, tc.max_steps, tc.min_lr_ratio)
 
+    @property
+    def skipped(self) -> int:
+        """Learner steps skipped for a non-finite loss or gradient (reads the device)."""
+        return int(self._skips[0])
+
+    @property
+    def nonfinite_in_row(self) -> int:
+        return int(self._skips[1])
+
     def learn(self, tr: Transitions) -> StepStats:
+        """One learner step. A run of train.max_nonfinite_in_row non-finite steps stops training; the count is
+        read from the device only every that many steps (and by `check_diverged` at log steps), so it stops
+        at most that many steps after the run began to fail, without a sync per step."""
         stats = learner_step(self.objective, self.optimizer, tr if tr.x.device == self.device else tr.to(self.device),
                              self.cfg.train, self.lr)
         self.step += 1
-        if stats.skipped:
-            self.skipped += 1
-            self.nonfinite_in_row += 1
-            if self.nonfinite_in_row >= self.cfg.train.max_nonfinite_in_row:
-                raise TrainingDiverged(
-                    f"{self.nonfinite_in_row} learner steps in a row had a non-finite loss or gradient "
-                    f"(at step {self.step}); lower train.lr (now {self.cfg.train.lr}) or train.grad_clip"
-                )
-        else:
-            self.nonfinite_in_row = 0
+        self._skips = torch.stack([self._skips[0] + stats.skipped, (self._skips[1] + 1) * stats.skipped])
+        if self.step % self.cfg.train.max_nonfinite_in_row == 0:
+            self.check_diverged()
         return stats
+
+    def check_diverged(self) -> None:
+        in_row = self.nonfinite_in_row
+        if in_row >= self.cfg.train.max_nonfinite_in_row:
+            raise TrainingDiverged(
+                f"{in_row} learner steps in a row had a non-finite loss or gradient (at step {self.step}); "
+                f"lower train.lr (now {self.cfg.train.lr}) or train.grad_clip"
+            )
 
     def heldout_errors(self) -> list[float]:
         """Query error % after steps 1..K on fixed held-out episodes (eval.seed + 2): the monitored curve."""
@@ -188,7 +218,10 @@ class Learner:
     def load_state_dict(self, ckpt: dict) -> None:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
-        self.step, self.skipped, self.nonfinite_in_row = ckpt["step"], ckpt["skipped"], ckpt["nonfinite_in_row"]
+        for group in self.optimizer.param_groups:  # checkpoints from before the fused optimizer say otherwise
+            group.update(fused=True, foreach=None)
+        self.step = ckpt["step"]
+        self._skips = torch.tensor([ckpt["skipped"], ckpt["nonfinite_in_row"]], dtype=torch.float32, device=self.device)
         torch.set_rng_state(ckpt["torch_rng"])
         if ckpt["cuda_rng"] and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
@@ -282,17 +315,19 @@ def train_loop(
         if last_step > start_step:
             steady = {"seconds": steady["seconds"] + w.seconds, "transitions": steady["transitions"] + w.transitions,
                       "waited_s": steady["waited_s"] + w.waited_s / w.ranks}
+        learner.check_diverged()
         metrics: dict[str, float] = {}
         if learner.rank == 0:
+            values = stats.read()
             heldout = learner.heldout_errors()
-            metrics = step_metrics(prefix, learner, stats, w, heldout)
+            metrics = step_metrics(prefix, learner, values, w, heldout)
             if progress:  # not print(): Ray Train patches it into a logger that echoes it, so lines came twice
-                sys.stdout.write(progress_line(label, learner, stats, w, heldout, now - begin) + "\n")
+                sys.stdout.write(progress_line(label, learner, values, w, heldout, now - begin) + "\n")
                 sys.stdout.flush()
             if log is not None:
                 log(metrics, learner.step)
             # what a sweep schedules on (Tune sees the reports): a key that does not depend on K
-            metrics.update(learner_step=learner.step, heldout_error=(heldout or stats.step_errors)[-1])
+            metrics.update(learner_step=learner.step, heldout_error=(heldout or values.step_errors)[-1])
         state = None
         if saving:  # the episode cursor as counted: every batch learned from, on every rank
             episodes = stream.start + int(_summed([float(stream.taken)], learner.device)[0])

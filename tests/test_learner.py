@@ -9,7 +9,7 @@ import torch
 from iai_dist import checkpoint
 from iai_dist.checkpoint import CheckpointError, read_checkpoint
 from iai_dist.experience import EpisodeStream, LocalRollouts
-from iai_dist.learner import Learner, TrainingDiverged, lr_multiplier, train_in_process
+from iai_dist.learner import Learner, TrainingDiverged, lr_multiplier, param_groups, train_in_process
 from iai_dist.objective import greedy_terms
 from iai_dist.regimes.explicit import auto_decode
 from iai_dist.rollout import make_transitions, refine
@@ -134,11 +134,30 @@ def test_nonfinite_steps_are_skipped_still_move_the_schedule_then_stop_the_run(t
     assert learner.nonfinite_in_row == 0
 
     _poison(learner)
-    learner.learn(source.next(2)[0])
-    learner.learn(source.next(3)[0])
-    with pytest.raises(TrainingDiverged, match="3 learner steps in a row"):
-        learner.learn(source.next(4)[0])
-    assert learner.skipped == 4 and learner.step == 5
+    for step in range(2, 5):  # steps 3, 4, 5: three in a row, but the count is read every 3 steps
+        learner.learn(source.next(step)[0])
+    with pytest.raises(TrainingDiverged, match="4 learner steps in a row"):
+        learner.learn(source.next(5)[0])
+    assert learner.skipped == 5 and learner.step == 6
+
+
+def test_a_checkpoint_of_the_unfused_optimizer_resumes_on_the_fused_one(tiny_cfg):
+    """Checkpoints written before the learner's AdamW was fused (the one that can skip a step on the device)
+    carry fused=None in their groups; loading one keeps the fused step, which skips by found_inf."""
+    old = Learner(tiny_cfg)
+    old.optimizer = torch.optim.AdamW(param_groups(old.model, tiny_cfg), lr=tiny_cfg.train.lr)
+    for p in old.model.parameters():
+        p.grad = torch.randn_like(p)
+    old.optimizer.step()  # moments and step counts, as an old learner step left them
+    assert not old.optimizer.param_groups[0]["fused"]
+    new = Learner(tiny_cfg)
+    new.load_state_dict(old.state_dict())
+    assert all(g["fused"] for g in new.optimizer.param_groups)
+    tr = LocalRollouts(new, EpisodeStream(32)).next(1)[0]
+    tr.state[-1, 0] = math.nan
+    before = [p.detach().clone() for p in new.model.parameters()]
+    assert new.learn(tr).skipped and new.skipped == 1
+    assert all(torch.equal(a, b) for a, b in zip(before, new.model.parameters()))
 
 
 @pytest.mark.parametrize("memory", ["none", "moments", "observations"])
