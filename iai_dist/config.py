@@ -142,7 +142,9 @@ class TrainConfig(_Section):
     # auto: bf16 where the device runs it natively (a CUDA GPU with bf16; a CPU with AMX or AVX512-BF16),
     # fp32 elsewhere: on an AMD EPYC without them a linreg-paper learner step was 17x slower in bf16.
     autocast: Literal["auto", "off", "bf16"] = "auto"
-    max_nonfinite_in_row: PositiveInt = 10  # stop with an error after this many skipped non-finite steps
+    # Stop with an error after this many skipped non-finite steps in a row (the count lives on the device and is
+    # read every this many steps and at log steps, so a GPU step never waits to learn whether it was finite).
+    max_nonfinite_in_row: PositiveInt = 10
     checkpoint_every: PositiveInt = 500
     log_every: PositiveInt = 50
 
