@@ -142,10 +142,14 @@ def fit(
     run_dir.mkdir(parents=True, exist_ok=True)  # on remote storage Ray Train wrote nothing here
     if cfg.tracking.storage and result.checkpoint is not None:  # remote storage: the last one, downloaded
         with result.checkpoint.as_directory() as directory:
-            shutil.copyfile(Path(directory) / "checkpoint.pt", final.with_suffix(".tmp"))
-        os.replace(final.with_suffix(".tmp"), final)
+            _copy_atomically(Path(directory) / "checkpoint.pt", final)
     source = checkpoint.newest(run_dir)  # Ray's last, or the one this fit started from when nothing was left to do
     if source != final:
-        shutil.copyfile(source, final.with_suffix(".tmp"))
-        os.replace(final.with_suffix(".tmp"), final)
+        _copy_atomically(source, final)
     return FitResult(final, result.return_value or {}, infos)
+
+
+def _copy_atomically(source: Path, target: Path) -> None:
+    """A reader of `target` sees the old file or the whole new one, never part of it."""
+    shutil.copyfile(source, target.with_suffix(".tmp"))
+    os.replace(target.with_suffix(".tmp"), target)
