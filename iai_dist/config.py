@@ -85,7 +85,7 @@ class RegimeConfig(_Section):
     # (what to keep is learned, so it needs train.unroll >= 2: a greedy loss never reaches a slot's writer).
     memory: Literal["none", "moments", "observations", "learned"] = "none"
     memory_decays: tuple[float, ...] = (0.5, 0.9, 0.99)
-    memory_slots: PositiveInt = 4
+    memory_slots: PositiveInt = 4  # "learned": slot tokens carried in the state
 
     @model_validator(mode="after")
     def _implicit_has_no_gradient(self) -> "RegimeConfig":
