@@ -233,13 +233,13 @@ def side_by_side(args, device: torch.device) -> dict:
             preset.write_text(preset.read_text().replace("autocast: bf16", f"autocast: '{autocast}'"))
         setting = args.settings.split(",")[0]
         common = ["--settings", setting, "--tasks", str(args.tasks), "--steps", str(args.steps),
-                  "--warmup", str(args.warmup), "--device", args.device]
+                  "--warmup", str(args.warmup), "--device", args.device, "--autocast", autocast]
         rates: dict[str, list[float]] = {"this": [], "base": []}
         for r in range(args.rounds):
-            for side, tree, extra in (("base", export, []), ("this", root, ["--autocast", autocast])):
+            for side, tree in (("base", export), ("this", root)):
                 out = export / f"out-{side}-{r}"
                 env = {**os.environ, "PYTHONPATH": str(tree)}
-                proc = subprocess.run([sys.executable, "-m", "iai_dist.bench", "learner", *common, *extra, "--out", str(out)],
+                proc = subprocess.run([sys.executable, "-m", "iai_dist.bench", "learner", *common, "--out", str(out)],
                                       cwd=tree, env=env, capture_output=True, text=True)
                 if proc.returncode:
                     sys.exit(f"error: bench learner of {side} failed: {proc.stderr.strip().splitlines()[-1]}")
