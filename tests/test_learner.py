@@ -134,7 +134,7 @@ def test_nonfinite_steps_are_skipped_still_move_the_schedule_then_stop_the_run(t
     assert learner.nonfinite_in_row == 0
 
     _poison(learner)
-    for step in range(2, 5):  # steps 3, 4, 5: three in a row, but the count is read every 3 steps
+    for step in range(2, 5):  # steps 3, 4, 5 fail: three in a row, read only at multiples of 3 (step 3: one)
         learner.learn(source.next(step)[0])
     with pytest.raises(TrainingDiverged, match="4 learner steps in a row"):
         learner.learn(source.next(5)[0])
