@@ -157,57 +157,74 @@ def quality(args) -> None:
     write(Path(args.out), "quality", {"minutes": args.minutes, "settings": results, "reference": REFERENCE}, table)
 
 
-def learner_rate(cfg: ExperimentConfig, device: torch.device, warmup: int, steps: int) -> tuple[float, float | None]:
-    """Learner steps/s of the in-process path after `warmup` steps, and the peak GPU memory (MiB) of those
-    steps on CUDA (None elsewhere: a CPU process's peak RSS does not come down between settings)."""
+def learner_rate(cfg: ExperimentConfig, device: torch.device, warmup: int, steps: int
+                 ) -> tuple[float, float | None, float]:
+    """Learner steps/s of the in-process path after `warmup` steps, the peak GPU memory (MiB) of those steps on
+    CUDA (None elsewhere: a CPU process's peak RSS does not come down between settings) and the warmup's
+    seconds (where train.compile compiles)."""
     learner = Learner(cfg.with_overrides({"train.max_steps": 10**9, "train.log_every": 10**9}), device)
+    t0 = time.perf_counter()
     steps_in_process(learner, warmup)
     sync_device(device)
+    warmup_s = time.perf_counter() - t0
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     steps_in_process(learner, steps)
     sync_device(device)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return steps / (time.perf_counter() - t0), peak
+    return steps / (time.perf_counter() - t0), peak, warmup_s
 
 
 def learner(args) -> None:
-    """Learner steps on linreg-paper at --tasks tasks per step: fp32 and bf16 autocast (and which one
-    train.autocast=auto picks here), eager vs torch.compile where asked; with --baseline REF, the same
-    in-process learner of this tree and of git revision REF side by side, in alternating processes.
-    --unroll 1,2,5,10: the cost of non-greedy training (train.unroll) per learner step, side by side."""
+    """Learner steps on linreg-paper at each --tasks tasks per step: fp32 and bf16 autocast (and which one
+    train.autocast=auto picks here), under each train.compile mode asked for (x eager: the ratio to the 'off' row
+    of the same setting, measured in this run); with --baseline REF, this tree (at the last --compile mode) and
+    git revision REF (eager) side by side, in alternating processes. --unroll 1,2,5,10: the cost of non-greedy
+    training (train.unroll) per learner step, side by side."""
     device = resolve_device(args.device)
     rows = []
     for name in args.settings.split(","):
         preset, overrides = SETTINGS[name]
-        for compiled in ([False, True] if args.compile else [False]):
+        for tasks in [int(n) for n in args.tasks.split(",")]:
             for autocast in args.autocast.split(","):
                 for unroll in [int(n) for n in args.unroll.split(",")]:
-                    sets = [f"train.tasks_per_batch={args.tasks}", f"train.compile={compiled}",
-                            f"train.autocast={autocast}", f"train.unroll={unroll}"]
-                    cfg = load_config(preset, overrides=[*overrides, *sets])
-                    rate, peak = learner_rate(cfg, device, args.warmup, args.steps)
-                    k = cfg.task.steps
-                    rows.append({"setting": name, "compile": compiled, "device": str(device), "tasks": args.tasks,
-                                 "autocast": autocast, "unroll": unroll,
-                                 "auto_picks": autocast == ("bf16" if uses_bf16("auto", device) else "off"),
-                                 "learner_steps_per_s": rate, "episodes_per_s": args.tasks * rate,
-                                 "refinement_steps_per_s": args.tasks * k * rate, "peak_gpu_mib": peak})
-                    print(f"   {name} {autocast} compile={compiled} unroll={unroll}: {rate:.2f} learner steps/s", flush=True)
+                    for mode in args.compile.split(","):
+                        sets = [f"train.tasks_per_batch={tasks}", f"train.compile={mode}",
+                                f"train.autocast={autocast}", f"train.unroll={unroll}"]
+                        cfg = load_config(preset, overrides=[*overrides, *sets])
+                        rate, peak, warmup_s = learner_rate(cfg, device, args.warmup, args.steps)
+                        eager = next((r["learner_steps_per_s"] for r in rows if r["compile"] == "off" and r["setting"]
+                                      == name and (r["tasks"], r["autocast"], r["unroll"]) == (tasks, autocast, unroll)),
+                                     None)
+                        rows.append({"setting": name, "compile": mode, "device": str(device), "tasks": tasks,
+                                     "autocast": autocast, "unroll": unroll,
+                                     "auto_picks": autocast == ("bf16" if uses_bf16("auto", device) else "off"),
+                                     "learner_steps_per_s": rate, "episodes_per_s": tasks * rate,
+                                     "refinement_steps_per_s": tasks * cfg.task.steps * rate, "peak_gpu_mib": peak,
+                                     "warmup_s": warmup_s, "x_eager": None if eager is None else rate / eager})
+                        print(f"   {name} tasks={tasks} {autocast} compile={mode} unroll={unroll}: {rate:.2f} learner "
+                              f"steps/s (warmup {warmup_s:.1f}s)", flush=True)
     head = ("| setting | device | compile | autocast | unroll | tasks/step | learner steps/s | episodes/s | "
-            "refinement steps/s | peak GPU MiB |\n|---|---|---|---|---|---|---|---|---|---|")
+            "refinement steps/s | x eager | warmup s | peak GPU MiB |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [f"| {r['setting']} | {r['device']} | {r['compile']} | {r['autocast']}{' (auto)' if r['auto_picks'] else ''} "
              f"| {r['unroll']} | {r['tasks']} | {r['learner_steps_per_s']:.2f} | {r['episodes_per_s']:.0f} | "
-             f"{r['refinement_steps_per_s']:.0f} | {_mib(r['peak_gpu_mib'])} |" for r in rows]
-    table = "\n".join([head, *lines]) + "\n\n(auto): what train.autocast=auto runs on this device."
+             f"{r['refinement_steps_per_s']:.0f} | {_ratio(r['x_eager'])} | "
+             f"{r['warmup_s']:.1f} | {_mib(r['peak_gpu_mib'])} |" for r in rows]
+    table = ("\n".join([head, *lines]) + "\n\n(auto): what train.autocast=auto runs on this device. warmup s: the first "
+             f"{args.warmup} steps, where train.compile compiles.")
     payload = {"rows": rows}
     if args.baseline:
         payload["baseline"] = side_by_side(args, device)
         b = payload["baseline"]
-        table += (f"\n\nSide by side with {b['ref']} ({b['rounds']} alternating rounds, {b['autocast']} both, median "
-                  f"learner steps/s): this tree {b['this']:.3f}, {b['ref']} {b['base']:.3f}: ratio {b['ratio']:.3f}")
+        table += (f"\n\nSide by side with {b['ref']} ({b['rounds']} alternating rounds, {b['autocast']} both, "
+                  f"{b['tasks']} tasks, median learner steps/s): this tree (compile={b['compile']}) {b['this']:.3f}, "
+                  f"{b['ref']} (eager) {b['base']:.3f}: ratio {b['ratio']:.3f}")
     write(Path(args.out), f"learner-{device.type}", payload, table)
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
 
 
 def _mib(value: float | None) -> str:
@@ -232,14 +249,17 @@ def side_by_side(args, device: torch.device) -> dict:
         for preset in (export / "iai_dist" / "presets").glob("*.yaml"):  # older trees hard-code bf16 in presets
             preset.write_text(preset.read_text().replace("autocast: bf16", f"autocast: '{autocast}'"))
         setting = args.settings.split(",")[0]
-        common = ["--settings", setting, "--tasks", str(args.tasks), "--steps", str(args.steps),
+        tasks, mode = args.tasks.split(",")[0], args.compile.split(",")[-1]
+        common = ["--settings", setting, "--tasks", tasks, "--steps", str(args.steps),
                   "--warmup", str(args.warmup), "--device", args.device, "--autocast", autocast]
         rates: dict[str, list[float]] = {"this": [], "base": []}
         for r in range(args.rounds):
             for side, tree in (("base", export), ("this", root)):
                 out = export / f"out-{side}-{r}"
                 env = {**os.environ, "PYTHONPATH": str(tree)}
-                proc = subprocess.run([sys.executable, "-m", "iai_dist.bench", "learner", *common, "--out", str(out)],
+                this_mode = ["--compile", mode] if side == "this" else []  # older trees know no modes: eager
+                proc = subprocess.run([sys.executable, "-m", "iai_dist.bench", "learner", *common, *this_mode,
+                                       "--out", str(out)],
                                       cwd=tree, env=env, capture_output=True, text=True)
                 if proc.returncode:
                     sys.exit(f"error: bench learner of {side} failed: {proc.stderr.strip().splitlines()[-1]}")
@@ -250,6 +270,7 @@ def side_by_side(args, device: torch.device) -> dict:
         shutil.rmtree(export, ignore_errors=True)
     this, base = statistics.median(rates["this"]), statistics.median(rates["base"])
     return {"ref": args.baseline, "setting": setting, "rounds": args.rounds, "autocast": autocast,
+            "tasks": int(tasks), "compile": mode,
             "rates": rates, "this": this, "base": base, "ratio": this / base}
 
 
@@ -269,11 +290,11 @@ def main(argv: list[str] | None = None) -> None:
     q.add_argument("--adam-max-steps", type=int, default=3000)
     t = sub.add_parser("learner")
     t.add_argument("--settings", default="linreg-paper/parametric/obs+grad")
-    t.add_argument("--tasks", type=int, default=256)
+    t.add_argument("--tasks", default="256", help="comma-separated tasks per learner step")
     t.add_argument("--steps", type=int, default=10)
     t.add_argument("--warmup", type=int, default=3)
     t.add_argument("--device", default="auto")
-    t.add_argument("--compile", action="store_true", help="also measure with torch.compile")
+    t.add_argument("--compile", default="off", help="comma-separated train.compile modes: off, refiner, step, graphs")
     t.add_argument("--autocast", default="off,bf16", help="comma-separated train.autocast values to measure")
     t.add_argument("--unroll", default="1", help="comma-separated train.unroll values to measure")
     t.add_argument("--baseline", metavar="REF", help="also time git revision REF side by side (e.g. main)")

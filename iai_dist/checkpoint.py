@@ -22,8 +22,9 @@ CHECKPOINT_FORMAT = 2
 # What may change on resume. train.max_steps: train longer (or stop earlier, not before the checkpoint's step);
 # the learning-rate schedule is a function of (step, max_steps), so from the resumed step on the run follows
 # the schedule of a run started with the new max_steps. distributed.*: more or fewer learners and episode
-# workers; episodes are addressed by learner step, so none is drawn twice or skipped.
-RESUMABLE = ("train.max_steps", "train.log_every", "train.checkpoint_every", "train.device",
+# workers; episodes are addressed by learner step, so none is drawn twice or skipped. train.device, train.compile:
+# where and how the same computation runs.
+RESUMABLE = ("train.max_steps", "train.log_every", "train.checkpoint_every", "train.device", "train.compile",
              "eval.", "tracking.", "distributed.")
 
 

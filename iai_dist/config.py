@@ -137,7 +137,10 @@ class TrainConfig(_Section):
     unroll: PositiveInt = 1
     seed: int = Field(0, ge=0)  # model init and the training episodes' seed
     device: str = "auto"  # auto | cpu | cuda | cuda:N
-    compile: bool = False  # torch.compile the refiner (worth it on GPUs, slow to start on a small CPU)
+    # torch.compile (iai_dist/compiling.py): off | refiner (its Transformer only) | step (the whole greedy forward and
+    # backward, and the rollout, one graph each) | graphs (step under CUDA graphs). Worth it on a GPU; on a small CPU
+    # compiling takes minutes. Configs and checkpoints from before the modes said true (refiner) or false (off).
+    compile: Literal["off", "refiner", "step", "graphs"] = "off"
     # The refiner's Transformer under bfloat16 autocast (states, f, gradients and losses stay fp32).
     # auto: bf16 where the device runs it natively (a CUDA GPU with bf16; a CPU with AMX or AVX512-BF16),
     # fp32 elsewhere: on an AMD EPYC without them a linreg-paper learner step was 17x slower in bf16.
@@ -147,6 +150,11 @@ class TrainConfig(_Section):
     max_nonfinite_in_row: PositiveInt = 10
     checkpoint_every: PositiveInt = 500
     log_every: PositiveInt = 50
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_was_a_switch(cls, value):
+        return {True: "refiner", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 class EvalConfig(_Section):
@@ -242,6 +250,9 @@ class ExperimentConfig(_Section):
             if d.episode_workers:
                 raise ValueError("distributed.episode_workers needs distributed.num_workers > 0 (the Ray service)")
             return self
+        if self.train.compile == "graphs" and d.num_workers > 1:
+            raise ValueError("train.compile 'graphs': CUDA graphs cannot hold DDP's gradient all-reduce; with "
+                             f"distributed.num_workers {d.num_workers} use 'step'")
         if d.episode_workers < d.num_workers:
             raise ValueError(
                 f"distributed.episode_workers ({d.episode_workers}) must be at least distributed.num_workers "

@@ -69,7 +69,7 @@ class LocalRollouts:
         first = self.stream.first(step)
         indices = torch.arange(first, first + self.stream.share)
         episodes = self.learner.family.sample(self.learner.cfg.train.seed, indices, device=self.learner.device)
-        tr = make_transitions(self.learner.model, episodes, version=step, first_episode=first)
+        tr = make_transitions(self.learner.model, episodes, version=step, first_episode=first, roll=self.learner.roll)
         return tr, time.perf_counter() - start
 
     def learned(self, learner) -> None:

@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from iai_dist import checkpoint
+from iai_dist.compiling import compiled
 from iai_dist.config import ExperimentConfig, TrainConfig
 from iai_dist.devices import precision_line, resolve_device
 from iai_dist.experience import EpisodeStream, ExperienceSource, LocalRollouts
@@ -28,7 +29,7 @@ from iai_dist.objective import GreedyObjective, greedy_backward, world_size
 from iai_dist.refiner import IterativeModel
 from iai_dist.regimes.explicit import PRETRAIN_TASKS
 from iai_dist.reporting import Window, progress_line, step_metrics
-from iai_dist.rollout import Transitions, refine
+from iai_dist.rollout import Transitions, refine, rolled_out
 from iai_dist.tasks import Episode, build_family
 
 
@@ -130,11 +131,12 @@ class Learner:
         self.optimizer = torch.optim.AdamW(param_groups(self.model, cfg), lr=tc.lr, fused=True)
         self.step = 0  # learner steps taken, skipped ones included
         self._skips = torch.zeros(2, device=self.device)  # [skipped steps, non-finite steps in a row], on device
-        if tc.compile:
+        if tc.compile == "refiner":
             self.model.refiner.compile()  # in place: state_dict keys (and checkpoints) stay the same
+        self.roll = compiled(rolled_out, tc.compile)  # what rolls out this learner's own episodes (in process)
         self.world = world_size()
         self.rank = dist.get_rank() if self.world > 1 else 0
-        self.objective: torch.nn.Module = GreedyObjective(self.model, tc.unroll)
+        self.objective: torch.nn.Module = GreedyObjective(self.model, tc.unroll, tc.compile)
         if self.world > 1:
             self.objective = torch.nn.parallel.DistributedDataParallel(
                 self.objective, device_ids=[self.device.index] if self.device.type == "cuda" else None

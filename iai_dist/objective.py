@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 import torch.distributed as dist
 
+from iai_dist.compiling import compiled
 from iai_dist.config import TrainConfig
 from iai_dist.refiner import IterativeModel
 from iai_dist.rollout import Transitions
@@ -61,12 +62,13 @@ class GreedyObjective(torch.nn.Module):
     """greedy_terms as a module's forward, so DistributedDataParallel can wrap it (DDP synchronises gradients
     of what runs through forward; the refiner itself has several entry points)."""
 
-    def __init__(self, model: IterativeModel, unroll: int = 1):
+    def __init__(self, model: IterativeModel, unroll: int = 1, compile_mode: str = "off"):
         super().__init__()
         self.model, self.unroll = model, unroll
+        self.terms = compiled(greedy_terms, compile_mode)
 
     def forward(self, tr: Transitions) -> tuple[torch.Tensor, torch.Tensor]:
-        return greedy_terms(self.model, tr, self.unroll)
+        return self.terms(self.model, tr, self.unroll)
 
 
 def world_size() -> int:

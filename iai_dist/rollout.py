@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -59,8 +60,9 @@ _TENSORS = ("state", "grad", "x", "y", "x_query", "y_query", "step")
 
 
 @torch.no_grad()
-def make_transitions(model: IterativeModel, ep: Episode, version: int = 0, first_episode: int = 0) -> Transitions:
-    """Roll out K = ep.num_batches steps and stack them step-major (row = i * tasks + t)."""
+def rolled_out(model: IterativeModel, ep: Episode) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The state (and gradient signal) each of K = ep.num_batches steps starts from, stacked step-major
+    (row = i * tasks + t): the part of a rollout that runs the refiner, which train.compile may compile."""
     t, k = ep.num_tasks, ep.num_batches
     state = model.initial_state(ep.x_query)
     states, grads = [], []
@@ -71,9 +73,17 @@ def make_transitions(model: IterativeModel, ep: Episode, version: int = 0, first
         grads.append(grad)
         if i + 1 < k:  # the last step's output is never an input
             state = model.step(state, x, y, grad, _steps(i, t, ep.x.device), ep.x_query)
+    return torch.cat(states), None if grads[0] is None else torch.cat(grads)
+
+
+def make_transitions(model: IterativeModel, ep: Episode, version: int = 0, first_episode: int = 0,
+                     roll: Callable = rolled_out) -> Transitions:
+    """Roll out K = ep.num_batches steps (with `roll`: rolled_out, or it compiled) into transitions."""
+    t, k = ep.num_tasks, ep.num_batches
+    state, grad = roll(model, ep)
     return Transitions(
-        state=torch.cat(states),
-        grad=None if grads[0] is None else torch.cat(grads),
+        state=state,
+        grad=grad,
         x=ep.x.transpose(0, 1).reshape(k * t, *ep.x.shape[2:]),
         y=ep.y.transpose(0, 1).reshape(k * t, *ep.y.shape[2:]),
         x_query=ep.x_query,

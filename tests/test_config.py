@@ -47,6 +47,9 @@ BAD = [
     (["--set", "distributed.staleness=-1"], "distributed.staleness: Input should be greater than or equal to 0"),
     (["--set", "train.autocast=fp16"], "train.autocast: Input should be 'auto', 'off' or 'bf16' (got 'fp16')"),
     (["--set", "distributed.episode_worker_gpus=1.5"], "distributed.episode_worker_gpus: Input should be less than or equal to 1"),
+    (["--set", "train.compile=yes"], "train.compile: Input should be 'off', 'refiner', 'step' or 'graphs' (got 'yes')"),
+    (["--set", "distributed.num_workers=2", "--set", "distributed.episode_workers=2", "--set", "train.compile=graphs"],
+     "train.compile 'graphs': CUDA graphs cannot hold DDP's gradient all-reduce"),
     (["--set", "train.lr"], "expected KEY=VALUE"),
     (["--config", "missing.yaml"], "config file 'missing.yaml' does not exist"),
 ]
@@ -56,7 +59,7 @@ def test_every_documented_value_is_taken_unquoted():
     """YAML 1.1 would read off/on/yes/no as booleans and 2024 as a number; string fields take them as written."""
     cfg = load_config("tiny", overrides=["train.autocast=off", "tracking.run_name=2024", "regime.kind=explicit",
                                          "eval.one_step=no", "train.compile=off", "train.device=cpu"])
-    assert (cfg.train.autocast, cfg.tracking.run_name, cfg.eval.one_step, cfg.train.compile) == ("off", "2024", False, False)
+    assert (cfg.train.autocast, cfg.tracking.run_name, cfg.eval.one_step, cfg.train.compile) == ("off", "2024", False, "off")
     assert load_config("tiny", overrides=["tracking.run_name=null"]).tracking.run_name is None
 
 

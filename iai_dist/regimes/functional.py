@@ -81,13 +81,19 @@ def build_fn(model: str, in_dim: int, out_dim: int, hidden: int, components: int
 
 
 def fn_gradient(fn, family, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """grad_theta of the inner loss on (x, y) for every task at once.
+    """grad_theta of the inner loss on (x, y) for every task at once, as data (no graph to anything upstream).
 
     The per-task losses are independent, so the gradient of their sum w.r.t. the stacked [T, P] theta
-    is exactly each task's own gradient: one backward pass, no loop over tasks.
+    is exactly each task's own gradient: one backward pass, no loop over tasks. Under torch.compile it is
+    torch.func.grad, which Dynamo traces into the step's one graph (train.compile=step); eager, autograd.grad,
+    which costs half as much per call here.
     """
+    def inner_loss(th: torch.Tensor) -> torch.Tensor:
+        return family.loss(fn(th, x), y).sum()
+
+    if torch.compiler.is_compiling():
+        return torch.func.grad(inner_loss)(theta.detach()).detach()
     with torch.enable_grad():
         theta = theta.detach().requires_grad_(True)
-        loss = family.loss(fn(theta, x), y).sum()
-        (g,) = torch.autograd.grad(loss, theta)
+        (g,) = torch.autograd.grad(inner_loss(theta), theta)
     return g

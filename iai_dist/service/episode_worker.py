@@ -15,9 +15,10 @@ import warnings
 import ray
 import torch
 
+from iai_dist.compiling import compiled
 from iai_dist.config import validate
 from iai_dist.refiner import IterativeModel
-from iai_dist.rollout import Transitions, make_transitions
+from iai_dist.rollout import Transitions, make_transitions, rolled_out
 from iai_dist.tasks import build_family
 
 WEIGHTS_TIMEOUT_S = 600.0  # a version that is not published in this long means the learner is gone
@@ -83,6 +84,8 @@ class EpisodeWorker:
         torch.manual_seed(cfg.train.seed)
         self.family = build_family(cfg.task)
         self.model = IterativeModel(cfg, self.family).to(self.device).eval()
+        # a GPU worker rolls out as train.compile says; on a CPU compiling would take minutes of every (re)start
+        self.roll = compiled(rolled_out, cfg.train.compile if use_gpu else "off")
         self.loaded: tuple[int, int] | None = None  # (generation, version) of the weights in self.model
         self.batches = 0  # produced by this incarnation
 
@@ -91,7 +94,7 @@ class EpisodeWorker:
         if not self._load(generation, version):
             return None
         episodes = self.family.sample(self.seed, torch.arange(first, first + count), device=self.device)
-        transitions = make_transitions(self.model, episodes, version=version, first_episode=first)
+        transitions = make_transitions(self.model, episodes, version=version, first_episode=first, roll=self.roll)
         self.batches += 1
         return transitions.to("cpu")
 

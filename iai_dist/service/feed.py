@@ -9,7 +9,9 @@ continue exactly: the checkpoint keeps the weight versions still to be rolled ou
 
 from __future__ import annotations
 
+import queue
 import tempfile
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -60,6 +62,8 @@ class RayFeed:
         self.generation, self.schedule, self.window, self.end = generation, schedule, window, end
         self.settings = learner.cfg.distributed
         self.order = sorted(workers)
+        self.copying: dict[int, torch.cuda.Event] = {}  # window versions whose copy to the host may be running
+        self.publisher = Publisher(board) if learner.rank == 0 else None
         self.pending: deque[tuple[int, int, ray.ObjectRef]] = deque()
         self.next_request = learner.step
         for _ in range(schedule.staleness + 1):
@@ -105,21 +109,65 @@ class RayFeed:
         """A weight board that died comes back empty: hand it the versions requests still need."""
         missing = ray.get(self.board.missing.remote(self.generation, list(self.window)))
         if missing:
-            ray.get(self.board.ensure.remote(self.generation, {v: self.window[v] for v in missing}))
+            window = self._settled_window()
+            ray.get(self.board.ensure.remote(self.generation, {v: window[v] for v in missing}))
 
     def learned(self, learner) -> None:
         if not self.schedule.publishes(learner.step):
             return
-        weights = {name: t.detach().to("cpu", copy=True) for name, t in learner.model.state_dict().items()}
+        weights, copied = host_copy(learner.model)
         # requests still to come are for steps >= learner.step - 1 on every rank (DDP keeps them in lock-step)
         keep_from = self.schedule.version_for(max(learner.step - 1, self.schedule.start))
         self.window = {v: w for v, w in self.window.items() if v >= keep_from}
         self.window[learner.step] = weights
-        if learner.rank == 0:
-            self.board.publish.remote(self.generation, learner.step, weights, keep_from)
+        self.copying = {v: e for v, e in self.copying.items() if v >= keep_from}
+        if copied is not None:
+            self.copying[learner.step] = copied
+        if self.publisher is not None:
+            self.publisher.send(self.generation, learner.step, weights, copied, keep_from)
+
+    def _settled_window(self) -> dict[int, dict]:
+        """The window once every copy in it is complete (what may be pickled: a checkpoint, a board refill)."""
+        for event in self.copying.values():
+            event.synchronize()
+        self.copying = {}
+        return self.window
 
     def state_dict(self) -> dict:
-        return {"published": dict(self.window)} if self.learner.rank == 0 else {}
+        return {"published": dict(self._settled_window())} if self.learner.rank == 0 else {}
+
+
+def host_copy(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], "torch.cuda.Event | None"]:
+    """The model's weights as host tensors without waiting for the device: on a GPU an asynchronous copy into
+    pinned memory, queued behind the step that made them, and the event that marks it complete; on a CPU a
+    plain copy (complete, no event)."""
+    state = model.state_dict()
+    if not any(t.is_cuda for t in state.values()):
+        return {name: t.detach().to("cpu", copy=True) for name, t in state.items()}, None
+    weights = {name: torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t.detach(), non_blocking=True)
+               for name, t in state.items()}
+    copied = torch.cuda.Event()
+    copied.record()
+    return weights, copied
+
+
+class Publisher:
+    """Rank 0's publications to the weight board, sent in order from a thread, each once its copy is complete:
+    the learner goes on to its next step while its GPU still finishes the last one (no host sync per step)."""
+
+    def __init__(self, board):
+        self.board, self.queue = board, queue.SimpleQueue()
+        threading.Thread(target=self._run, name="weight-publisher", daemon=True).start()
+
+    def send(self, generation: int, version: int, weights: dict, copied: "torch.cuda.Event | None", keep_from: int) -> None:
+        self.queue.put((generation, version, weights, copied, keep_from))
+
+    def _run(self) -> None:
+        while True:
+            generation, version, weights, copied, keep_from = self.queue.get()
+            if copied is not None:
+                copied.synchronize()
+            self.board.publish.remote(generation, version, weights, keep_from)
 
 
 def error_line(error: BaseException) -> str:
