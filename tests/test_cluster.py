@@ -156,18 +156,19 @@ def test_a_job_survives_a_killed_episode_worker_weight_board_and_learner(cluster
 
 
 def test_a_sweep_submitted_with_its_working_dir(cluster, tmp_path):
-    """Untracked (the jobs above cover MLflow across machines): the trials' runs, not their logging, are the point."""
+    """Untracked (the jobs above cover MLflow across machines): the trial's run, not its logging, is the point.
+    One trial (several at once are tested on the local Ray and planned from an autoscaler's limits below)."""
     space = tmp_path / "space.yaml"
     space.write_text(yaml.safe_dump({"preset": "tiny", "set": {
         "eval.one_step": False, "train.max_steps": 10, "train.log_every": 5, "distributed.num_workers": 1,
         "distributed.episode_workers": 1, "distributed.learner_cpus": 0.5, "distributed.episode_worker_cpus": 0.5},
-        "params": {"task.steps": {"grid": [2, 3]}}, "early_stopping": None}))
+        "params": {"task.steps": {"grid": [2]}}, "early_stopping": None}))
     proc = cluster.submit(["python", "-m", "iai_dist.tune", "--space", str(space), "--name", "steps",
                            "--set", f"tracking.runs_dir={tmp_path}", "--set", "tracking.enabled=false"], working_dir=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "2 trial(s), 2 at a time" in proc.stdout
+    assert "1 trial(s), 1 at a time" in proc.stdout
     rows = (tmp_path / "steps" / "summary.csv").read_text().splitlines()
-    assert len(rows) == 3 and all(",finished," in row for row in rows[1:])
+    assert len(rows) == 2 and ",finished," in rows[1]
 
 
 FAKE_AUTOSCALING = {
