@@ -3,8 +3,9 @@
 After refinement step s a model's vector field v_s(x, t) generates samples by integrating dx/dt = v_s(x, t)
 from x0 ~ N(0, I) at t = 0 to t = 1. They are compared with as many held-out true samples by the sliced
 Wasserstein-2 distance and an MMD with a fixed kernel, beside the floor (two independent true sets of the
-same size: what a perfect model scores), and, where the model has a density (the parametric 'mixture'),
-by the negative log-likelihood of the true samples beside the true density's. Baselines on the same tasks:
+same size: what a perfect model scores), and by the negative log-likelihood of the true samples beside the
+true density's: in closed form for the parametric 'mixture' and EM, for every other flow by the change of
+variables along its ODE (flow_log_density). Baselines on the same tasks:
 EM on the points seen (scikit-learn's GaussianMixture), a flow-matching MLP trained by Adam with one step per
 mini-batch, and the one-step model reading all K*B points at once.
 
@@ -33,16 +34,34 @@ IMPLICIT_CHUNK = 128  # query points per row when the implicit regime refines a 
 TASKS_AT_ONCE = 16  # tasks scored together (an MMD holds [tasks, samples, samples] kernel matrices)
 
 
+def _at(velocity, x: torch.Tensor, t: float) -> torch.Tensor:
+    return velocity(torch.cat([x, torch.full_like(x[..., :1], t)], -1))
+
+
 def integrate(velocity, x0: torch.Tensor, steps: int) -> torch.Tensor:
     """The midpoint method for dx/dt = velocity([x, t]) from t = 0 to 1; x0 [T, n, d]."""
     x, h = x0, 1.0 / steps
-
-    def v(x: torch.Tensor, t: float) -> torch.Tensor:
-        return velocity(torch.cat([x, torch.full_like(x[..., :1], t)], -1))
-
     for i in range(steps):
-        x = x + h * v(x + 0.5 * h * v(x, i * h), (i + 0.5) * h)
+        x = x + h * _at(velocity, x + 0.5 * h * _at(velocity, x, i * h), (i + 0.5) * h)
     return x
+
+
+def flow_log_density(velocity, x1: torch.Tensor, steps: int) -> torch.Tensor:
+    """log p(x1) [T, n] under the flow dx/dt = velocity([x, t]) from N(0, I) at t = 0, by the instantaneous change
+    of variables: log p(x1) = log N(x0) - int_0^1 div v(x_t, t) dt, integrated back from t = 1 with the midpoint
+    method (as `integrate` goes forward) and the exact divergence, one backward pass per dimension (generative
+    tasks are low-dimensional). Each point's velocity must depend on that point alone, as every field here does."""
+    x, h, d = x1, 1.0 / steps, x1.shape[-1]
+    divergence = torch.zeros_like(x1[..., 0])
+    for i in reversed(range(steps)):
+        mid = x - 0.5 * h * _at(velocity, x, (i + 1) * h)
+        with torch.enable_grad():
+            mid = mid.detach().requires_grad_(True)
+            v = _at(velocity, mid, (i + 0.5) * h)
+            div = sum(torch.autograd.grad(v[..., j].sum(), mid, retain_graph=j + 1 < d)[0][..., j] for j in range(d))
+        x = x - h * v.detach()
+        divergence = divergence + h * div
+    return -0.5 * x.pow(2).sum(-1) - 0.5 * d * math.log(2 * math.pi) - divergence
 
 
 class SampleDistances:
@@ -121,7 +140,8 @@ def quality(family, ep: Episode, true_a: torch.Tensor, true_b: torch.Tensor, ref
     """Sliced W2, MMD and NLL per method (per step where it has steps) on one batch of tasks: [T] tensors.
 
     refined: refiner_fields' (fields, states); at_once: {name: field}; adam_thetas: {step: theta of fn};
-    density: log p(state, x) of the refiner's states, or None where its model has no density."""
+    density: log p(state, x) of the refiner's states in closed form, or None: then, as for every other flow, the
+    density its field carries N(0, I) to (flow_log_density, with the samples' ode_steps)."""
     t, n, d = true_a.shape
     g = torch.Generator().manual_seed(12345)
     x0 = torch.randn(t, n, d, generator=g).to(true_a)
@@ -134,15 +154,20 @@ def quality(family, ep: Episode, true_a: torch.Tensor, true_b: torch.Tensor, ref
         if pictures:
             out.setdefault("pictures", {}).setdefault(name, {})[key] = samples[:pictures, :500].cpu()
 
+    def nll(velocity) -> torch.Tensor:
+        return -flow_log_density(velocity, true_a, ode_steps).mean(1)
+
     fields, states = refined
     for s, v in fields.items():
         score("refiner", s, integrate(v, x0, ode_steps))
-        if density is not None:
-            out["nll"].setdefault("refiner", {})[s] = -density(states[s], true_a).mean(1)
+        out["nll"].setdefault("refiner", {})[s] = -density(states[s], true_a).mean(1) if density else nll(v)
     for s, theta in adam_thetas.items():
-        score("adam", s, integrate(lambda p, th=theta: fn(th, p), x0, ode_steps))
+        adam = lambda p, th=theta: fn(th, p)  # noqa: E731
+        score("adam", s, integrate(adam, x0, ode_steps))
+        out["nll"].setdefault("adam", {})[s] = nll(adam)
     for name, v in at_once.items():
         score(name, "at_once", integrate(v, x0, ode_steps))
+        out["nll"].setdefault(name, {})["at_once"] = nll(v)
     for s in fields:
         gms = em_fit(context_samples(ep, s), components)
         drawn = torch.stack([torch.from_numpy(gm.sample(n)[0]) for gm in gms]).to(true_a)

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from iai_dist.config import ConfigError, load_config
-from iai_dist.refiner import IterativeModel
+from iai_dist.refiner import Block, IterativeModel
 from iai_dist.tasks import build_family
 
 CASES = [
@@ -79,6 +79,22 @@ def test_implicit_query_predictions_do_not_depend_on_other_queries():
     part_q = ep.x_query[:, 2:5]
     part = m.step(m.initial_state(part_q), x, y, None, step, part_q)
     torch.testing.assert_close(full[:, 2:5], part, rtol=1e-5, atol=1e-6)
+
+
+def test_independent_state_tokens_attend_exactly_as_under_the_masked_square():
+    """The O(S * B) attention of independent state tokens is the masked (S + B)^2 attention it replaced."""
+    torch.manual_seed(0)
+    s, b, width, heads = 7, 5, 16, 2
+    block, h = Block(width, heads, 2), torch.randn(3, s + b, width)
+    q, k, v = block.qkv(block.norm1(h)).view(3, s + b, 3, heads, -1).permute(2, 0, 3, 1, 4)
+    mask = torch.ones(s + b, s + b, dtype=torch.bool)
+    mask[:s, :s] = torch.eye(s, dtype=torch.bool)
+    mask[s:, :s] = False  # state tokens see themselves and the rest; the rest see only each other
+    a = ((q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5).masked_fill(~mask, float("-inf")).softmax(-1) @ v
+    masked = h + block.proj(a.transpose(1, 2).reshape(3, s + b, width))
+    masked = masked + block.mlp(block.norm2(masked))
+    torch.testing.assert_close(block(h, independent=s), masked)
+    assert not torch.allclose(block(h), masked, atol=1e-3)  # full attention is another function
 
 
 def test_large_theta_is_cut_into_chunk_tokens():
