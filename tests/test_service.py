@@ -188,3 +188,27 @@ def test_learners_that_cannot_be_placed_stop_the_run_with_one_line(ray_local, ti
     with pytest.raises(ServiceError, match=r"the 1 learner\(s\) \(\{'CPU': 64.0\} each\) were not placed within 5s"):
         fit(cfg, tmp_path / "unplaced")
     assert time.monotonic() - start < 120
+
+
+def test_weights_reach_the_board_from_the_publisher_thread_and_its_errors_reach_the_learner(ray_local):
+    """Rank 0 publishes from a thread (on a GPU, once each asynchronous copy is complete): versions arrive in
+    order; a publication that cannot be sent (unpicklable weights) stops the next send with its error."""
+    from iai_dist.service.episode_worker import WeightBoard
+    from iai_dist.service.feed import Publisher
+
+    board = ray.remote(num_cpus=0)(WeightBoard).remote()
+    ray.get(board.ensure.remote(0, {}))  # rank 0 opens its generation before publishing
+    publisher = Publisher(board)
+    for version in (1, 2, 3):
+        publisher.send(0, version, {"w": torch.full((2,), float(version))}, None, keep_from=2)
+    deadline = time.monotonic() + 30
+    while ray.get(board.missing.remote(0, [2, 3])) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    status, refs = ray.get(board.get.remote(0, 3))
+    assert status == "ready" and torch.equal(ray.get(refs[0])["w"], torch.full((2,), 3.0))
+    assert ray.get(board.missing.remote(0, [1, 2, 3])) == [1]  # version 1 dropped: kept from 2 on
+    publisher.send(0, 4, {"w": threading.Lock()}, None, keep_from=2)
+    while publisher.error is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with pytest.raises(RuntimeError, match="the weight publisher stopped"):
+        publisher.send(0, 5, {"w": torch.zeros(2)}, None, keep_from=2)

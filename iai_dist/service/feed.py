@@ -153,21 +153,27 @@ def host_copy(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], "torch.c
 
 class Publisher:
     """Rank 0's publications to the weight board, sent in order from a thread, each once its copy is complete:
-    the learner goes on to its next step while its GPU still finishes the last one (no host sync per step)."""
+    the learner goes on to its next step while its GPU still finishes the last one (no host sync per step).
+    An error in the thread is raised by the next `send`, not lost with it."""
 
     def __init__(self, board):
-        self.board, self.queue = board, queue.SimpleQueue()
+        self.board, self.queue, self.error = board, queue.SimpleQueue(), None
         threading.Thread(target=self._run, name="weight-publisher", daemon=True).start()
 
     def send(self, generation: int, version: int, weights: dict, copied: "torch.cuda.Event | None", keep_from: int) -> None:
+        if self.error is not None:
+            raise RuntimeError(f"the weight publisher stopped: {self.error!r}") from self.error
         self.queue.put((generation, version, weights, copied, keep_from))
 
     def _run(self) -> None:
-        while True:
-            generation, version, weights, copied, keep_from = self.queue.get()
-            if copied is not None:
-                copied.synchronize()
-            self.board.publish.remote(generation, version, weights, keep_from)
+        try:
+            while True:
+                generation, version, weights, copied, keep_from = self.queue.get()
+                if copied is not None:
+                    copied.synchronize()
+                self.board.publish.remote(generation, version, weights, keep_from)
+        except Exception as exc:  # noqa: BLE001 - handed to the learner's thread
+            self.error = exc
 
 
 def error_line(error: BaseException) -> str:
