@@ -5,9 +5,10 @@
 - step: the learner's whole greedy forward (every refinement step of the batch, the regime, f, the gradient signal
   and the query losses) as one graph, whose backward AOTAutograd compiles with it, and the rollout's K steps as one
   graph. What is left eager per learner step: gradient clipping and the fused AdamW, a few kernels each.
-- graphs: step's graphs replayed as CUDA graphs (torch.compile's reduce-overhead), so a GPU step costs a few
-  launches instead of hundreds. A replay overwrites its previous outputs, so they are cloned (they are small: query
-  losses, states). On a CPU there is nothing to capture and it runs as step.
+- graphs: step's graphs replayed as CUDA graphs (torch.compile's reduce-overhead): the host launches each graph
+  once, not its hundreds of kernels one by one (what that buys on a GPU is not measured yet). A replay overwrites
+  its previous outputs, so they are cloned (they are small: query losses, states). On a CPU there is nothing to
+  capture and it runs as step.
 Ray episode workers compile their rollout only on a GPU: on a CPU compiling would hold up every (re)start.
 """
 
