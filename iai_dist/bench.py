@@ -209,8 +209,8 @@ def learner(args) -> None:
             "refinement steps/s | x eager | warmup s | peak GPU MiB |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [f"| {r['setting']} | {r['device']} | {r['compile']} | {r['autocast']}{' (auto)' if r['auto_picks'] else ''} "
              f"| {r['unroll']} | {r['tasks']} | {r['learner_steps_per_s']:.2f} | {r['episodes_per_s']:.0f} | "
-             f"{r['refinement_steps_per_s']:.0f} | {_ratio(r['x_eager'])} | "
-             f"{r['warmup_s']:.1f} | {_mib(r['peak_gpu_mib'])} |" for r in rows]
+             f"{r['refinement_steps_per_s']:.0f} | {_cell(r['x_eager'], '.2f')} | "
+             f"{r['warmup_s']:.1f} | {_cell(r['peak_gpu_mib'], '.0f')} |" for r in rows]
     table = ("\n".join([head, *lines]) + "\n\n(auto): what train.autocast=auto runs on this device. warmup s: the first "
              f"{args.warmup} steps, where train.compile compiles.")
     payload = {"rows": rows}
@@ -223,12 +223,8 @@ def learner(args) -> None:
     write(Path(args.out), f"learner-{device.type}", payload, table)
 
 
-def _ratio(value: float | None) -> str:
-    return "-" if value is None else f"{value:.2f}"
-
-
-def _mib(value: float | None) -> str:
-    return "-" if value is None else f"{value:.0f}"
+def _cell(value: float | None, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
 
 
 def side_by_side(args, device: torch.device) -> dict:
