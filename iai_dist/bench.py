@@ -194,17 +194,18 @@ def learner(args) -> None:
                                 f"train.autocast={autocast}", f"train.unroll={unroll}"]
                         cfg = load_config(preset, overrides=[*overrides, *sets])
                         rate, peak, warmup_s = learner_rate(cfg, device, args.warmup, args.steps)
-                        eager = next((r["learner_steps_per_s"] for r in rows if r["compile"] == "off" and r["setting"]
-                                      == name and (r["tasks"], r["autocast"], r["unroll"]) == (tasks, autocast, unroll)),
-                                     None)
                         rows.append({"setting": name, "compile": mode, "device": str(device), "tasks": tasks,
                                      "autocast": autocast, "unroll": unroll,
                                      "auto_picks": autocast == ("bf16" if uses_bf16("auto", device) else "off"),
                                      "learner_steps_per_s": rate, "episodes_per_s": tasks * rate,
                                      "refinement_steps_per_s": tasks * cfg.task.steps * rate, "peak_gpu_mib": peak,
-                                     "warmup_s": warmup_s, "x_eager": None if eager is None else rate / eager})
+                                     "warmup_s": warmup_s})
                         print(f"   {name} tasks={tasks} {autocast} compile={mode} unroll={unroll}: {rate:.2f} learner "
                               f"steps/s (warmup {warmup_s:.1f}s)", flush=True)
+    same = lambda r: (r["setting"], r["tasks"], r["autocast"], r["unroll"])  # noqa: E731
+    eager = {same(r): r["learner_steps_per_s"] for r in rows if r["compile"] == "off"}
+    for r in rows:
+        r["x_eager"] = r["learner_steps_per_s"] / eager[same(r)] if r["compile"] != "off" and same(r) in eager else None
     head = ("| setting | device | compile | autocast | unroll | tasks/step | learner steps/s | episodes/s | "
             "refinement steps/s | x eager | warmup s | peak GPU MiB |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
     lines = [f"| {r['setting']} | {r['device']} | {r['compile']} | {r['autocast']}{' (auto)' if r['auto_picks'] else ''} "

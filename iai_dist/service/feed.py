@@ -62,7 +62,9 @@ class RayFeed:
         self.generation, self.schedule, self.window, self.end = generation, schedule, window, end
         self.settings = learner.cfg.distributed
         self.order = sorted(workers)
-        self.copying: dict[int, torch.cuda.Event] = {}  # window versions whose copy to the host may be running
+        # the newest copy to the host that may still be running: copies run in order on the learner's stream,
+        # so once it is complete every weight version in the window is
+        self.last_copy: torch.cuda.Event | None = None
         self.publisher = Publisher(board) if learner.rank == 0 else None
         self.pending: deque[tuple[int, int, ray.ObjectRef]] = deque()
         self.next_request = learner.step
@@ -120,17 +122,15 @@ class RayFeed:
         keep_from = self.schedule.version_for(max(learner.step - 1, self.schedule.start))
         self.window = {v: w for v, w in self.window.items() if v >= keep_from}
         self.window[learner.step] = weights
-        self.copying = {v: e for v, e in self.copying.items() if v >= keep_from}
-        if copied is not None:
-            self.copying[learner.step] = copied
+        self.last_copy = copied
         if self.publisher is not None:
             self.publisher.send(self.generation, learner.step, weights, copied, keep_from)
 
     def _settled_window(self) -> dict[int, dict]:
         """The window once every copy in it is complete (what may be pickled: a checkpoint, a board refill)."""
-        for event in self.copying.values():
-            event.synchronize()
-        self.copying = {}
+        if self.last_copy is not None:
+            self.last_copy.synchronize()
+            self.last_copy = None
         return self.window
 
     def state_dict(self) -> dict:
