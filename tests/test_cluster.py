@@ -24,9 +24,12 @@ from iai_dist.service.loopback import LoopbackCluster, free_port, kill_actor
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = 128  # tasks per learner step (the default preset's)
-STEPS = 40  # long enough (tens of seconds) for the faults to land during training
-# 2 learners + 2 episode workers at 1 CPU each fill both 2-CPU nodes: the job has to span them
+STEPS = 80  # ~15 s of training here: the job log trails the learner by seconds, and the faults must land in it
+# 2 learners + 2 episode workers at 1 CPU each fill both 2-CPU nodes: the job has to span them. Staleness 0: every
+# batch is rolled out with the learner's current weights, so the job's model is the in-process run's (measured:
+# per-step errors equal to rel 2e-6 after 120 steps), the reference the faulted job is held to
 JOB = ["--preset", "default", "--set", "distributed.num_workers=2", "--set", "distributed.episode_workers=2",
+       "--set", "distributed.staleness=0",
        "--set", f"train.max_steps={STEPS}", "--set", "train.log_every=2", "--set", "train.checkpoint_every=10",
        "--set", "eval.one_step=false", "--set", "eval.monitor_episodes=32", "--set", "eval.episodes=64",
        "--set", "eval.lr_grid=[0.1]", "--set", "eval.lr_select_episodes=16"]
@@ -70,11 +73,6 @@ def train_job(cluster, runs: Path, uri: str | None, *extra: str, wait: bool = Tr
     return cluster.submit(entry, working_dir=ROOT, runtime_env=env, wait=wait)
 
 
-def last_line(proc: subprocess.CompletedProcess) -> str:
-    lines = [line for line in proc.stdout.splitlines() if line.strip() and not line.startswith(("-", "Job ", "20"))]
-    return lines[-1] if lines else ""
-
-
 def test_a_submission_without_the_token_is_refused(cluster):
     proc = cluster.submit(["python", "-c", "print(1)"], with_token=False)
     assert proc.returncode != 0 and "authentication token" in (proc.stdout + proc.stderr)
@@ -101,58 +99,62 @@ def test_paths_other_machines_cannot_reach_are_refused_before_any_work(cluster, 
 
 
 @pytest.fixture(scope="module")
-def undisturbed(cluster, tracking_server, tmp_path_factory):
+def faulted(cluster, tracking_server, tmp_path_factory):
+    """The main job, logging to the MLflow server, with an episode worker, the weight board and a learner killed
+    by PID at seeded random learner steps (as seen in the job's log)."""
     runs = tmp_path_factory.mktemp("runs")
-    proc = train_job(cluster, runs, tracking_server, "--set", "tracking.run_name=calm")
-    return proc, runs / "calm"
-
-
-def test_the_main_job_submitted_with_its_working_dir_trains_across_both_nodes(undisturbed, tracking_server):
-    proc, run_dir = undisturbed
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "succeeded" in proc.stdout and "| refiner |" in proc.stdout
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["train"]["steps"] == STEPS and summary["train"]["nodes"] == 2
-    assert summary["train"]["episodes"] == STEPS * TASKS
-    # evaluated as Ray work, in a process of its own, not by the driver
-    assert summary["evaluated_by"]["pid"] != summary["evaluated_by"]["driver_pid"]
-    client = MlflowClient(tracking_server)
-    mrun = client.get_run((run_dir / "mlflow_run_id").read_text())
-    assert mrun.info.status == "FINISHED" and "train/heldout_error/step_3" in mrun.data.metrics
-
-
-def test_a_job_survives_a_killed_episode_worker_weight_board_and_learner(cluster, undisturbed, tmp_path):
-    """Kills by PID at seeded random learner steps; the job completes, every step learned its own episodes
-    once (the cursor), and the model equals the undisturbed run's: redone steps see the same transitions."""
     rng = random.Random(7)
     plan = dict(zip(sorted(rng.sample(range(4, STEPS // 3), 3)), rng.sample(["episode worker", "weight board", "learner"], 3)))
-    # untracked: the undisturbed job covers MLflow across machines; this one is about the model
-    submitted = train_job(cluster, tmp_path, None, "--set", "tracking.run_name=chaos", "--set", "tracking.enabled=false",
-                          wait=False)
+    submitted = train_job(cluster, runs, tracking_server, "--set", "tracking.run_name=chaos", wait=False)
     job = re.search(r"raysubmit_\w+", submitted.stdout).group(0)
     client, done, actors = cluster.jobs(), [], []
     deadline = time.monotonic() + 600
     while client.get_job_status(job).is_terminal() is False and time.monotonic() < deadline:
         steps = [int(m) for m in re.findall(r"\[refiner\] step +(\d+)/", client.get_job_logs(job))]
         if steps and not actors:
-            actors = cluster.actors()  # listed once training runs; again after a kill (restarts move PIDs)
+            # listed once (a listing takes seconds): each kind is killed once, so its PID from here is the one to
+            # kill; kill_actor lists again if it has gone (Ray restarting it after an earlier fault)
+            actors = cluster.actors()
         for step in [s for s in plan if s not in done and steps and max(steps) >= s]:
             try:
                 killed = kill_actor(cluster, plan[step], actors)
-            except RuntimeError:  # none alive this instant (Ray restarting it after an earlier fault): again
+            except RuntimeError:  # none alive this instant: try again
                 actors = []
                 continue
-            actors = []
             done.append(step)
             print(f"step {max(steps)}: killed the {plan[step]} (pid {killed})")
         time.sleep(0.3)
-    logs = client.get_job_logs(job)
-    assert client.get_job_status(job) == JobStatus.SUCCEEDED, logs[-3000:]
-    assert sorted(done) == sorted(plan)
-    summary = json.loads((tmp_path / "chaos" / "summary.json").read_text())
+    return {"status": client.get_job_status(job), "logs": client.get_job_logs(job), "plan": plan, "done": done,
+            "run_dir": runs / "chaos"}
+
+
+def test_the_main_job_submitted_with_its_working_dir_trains_across_both_nodes(faulted, tracking_server):
+    assert faulted["status"] == JobStatus.SUCCEEDED, faulted["logs"][-3000:]
+    assert "| refiner |" in faulted["logs"]
+    summary = json.loads((faulted["run_dir"] / "summary.json").read_text())
+    assert summary["train"]["steps"] == STEPS and summary["train"]["nodes"] == 2
+    # evaluated as Ray work, in a process of its own, not by the driver
+    assert summary["evaluated_by"]["pid"] != summary["evaluated_by"]["driver_pid"]
+    client = MlflowClient(tracking_server)
+    mrun = client.get_run((faulted["run_dir"] / "mlflow_run_id").read_text())
+    assert mrun.info.status == "FINISHED" and "train/heldout_error/step_3" in mrun.data.metrics
+
+
+def test_a_job_survives_a_killed_episode_worker_weight_board_and_learner(faulted, tmp_path):
+    """Every fault landed; the job completed, every step learned its own episodes once (the cursor), and the
+    model equals the same job's run in process: redone steps saw the same transitions."""
+    assert faulted["status"] == JobStatus.SUCCEEDED, faulted["logs"][-3000:]
+    assert sorted(faulted["done"]) == sorted(faulted["plan"]), f"killed at {faulted['done']} of {faulted['plan']}"
+    summary = json.loads((faulted["run_dir"] / "summary.json").read_text())
     assert summary["train"]["episodes"] == STEPS * TASKS  # the cursor: learner steps x tasks per step
-    calm = json.loads((undisturbed[1] / "summary.json").read_text())
-    assert summary["per_step"]["refiner"] == pytest.approx(calm["per_step"]["refiner"], rel=1e-3)
+    in_process = ["--set", "distributed.num_workers=0", "--set", "distributed.episode_workers=0",
+                  "--set", "tracking.enabled=false", "--set", f"tracking.runs_dir={tmp_path}",
+                  "--set", "tracking.run_name=reference"]
+    proc = subprocess.run([sys.executable, "-m", "iai_dist.train", *JOB, *in_process], capture_output=True, text=True,
+                          cwd=ROOT, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reference = json.loads((tmp_path / "reference" / "summary.json").read_text())
+    assert summary["per_step"]["refiner"] == pytest.approx(reference["per_step"]["refiner"], rel=1e-3)
 
 
 def test_a_sweep_submitted_with_its_working_dir(cluster, tmp_path):

@@ -27,17 +27,15 @@ SERVICE = {"distributed.learner_cpus": 0.5, "distributed.episode_worker_cpus": 0
 
 
 class Hook:
-    """on_step for the learners: an episode ledger line per rank and step, and the faults a test asks for."""
+    """on_step for the learners: an episode ledger line per rank and step, and a learner failure if asked."""
 
-    def __init__(self, ledger: Path, kill_worker: tuple[str, int] | None = None, fail_at: int | None = None):
-        self.ledger, self.kill_worker, self.fail_at = ledger, kill_worker, fail_at
+    def __init__(self, ledger: Path, fail_at: int | None = None):
+        self.ledger, self.fail_at = ledger, fail_at
         self.marker = ledger.with_suffix(".failed")
 
     def __call__(self, rank: int, step: int, tr) -> None:
         with self.ledger.open("a") as f:
             f.write(f"{rank} {step} {tr.first_episode} {tr.num_tasks} {tr.version}\n")
-        if rank == 0 and self.kill_worker is not None and step == self.kill_worker[1]:
-            ray.kill(ray.get_actor(self.kill_worker[0]), no_restart=False)  # a crash: Ray restarts it
         if rank == 0 and step == self.fail_at and not self.marker.exists():
             self.marker.touch()
             raise RuntimeError("injected learner failure")
