@@ -44,7 +44,7 @@ def fit_in_process(cfg: ExperimentConfig, out_dir: Path, tracker: Tracker, label
 
 def fit_on_ray(cfg: ExperimentConfig, out_dir: Path, tracker: Tracker, label: str, prefix: str,
                callbacks: Sequence = ()):
-    from iai_dist.service import fit  # Ray stays out of the in-process path
+    from iai_dist.service.fit import fit  # Ray stays out of the in-process path
 
     result = fit(cfg, out_dir, tracker.logger, label, prefix, callbacks=callbacks)
     restarted = [w["index"] for w in result.workers if w["restarted"]]
@@ -90,7 +90,7 @@ def service_session(cfg: ExperimentConfig):
     """Ray for the service path (joined or embedded, see service.runtime); nothing for the in-process one."""
     if not cfg.distributed.num_workers:
         return contextlib.nullcontext()
-    from iai_dist.service import ray_session
+    from iai_dist.service.runtime import ray_session
 
     return ray_session(cfg)
 

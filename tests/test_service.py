@@ -18,8 +18,7 @@ from ray import cloudpickle
 from iai_dist import train
 from iai_dist.checkpoint import CheckpointError, read_checkpoint
 from iai_dist.learner import ServiceError, train_in_process
-from iai_dist.service import fit
-from iai_dist.service.fit import episode_worker_name
+from iai_dist.service.fit import episode_worker_name, fit
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the hooks below run inside Train workers
 
@@ -189,9 +188,11 @@ def test_learners_that_cannot_be_placed_stop_the_run_with_one_line(ray_local, ti
 
 
 def test_weights_reach_the_board_from_the_publisher_thread_and_its_errors_reach_the_learner(ray_local):
-    """Rank 0 publishes from a thread (on a GPU, once each asynchronous copy is complete): versions arrive in
-    order; a publication that cannot be sent (unpicklable weights) stops the next send with its error."""
-    from iai_dist.service.episode_worker import WeightBoard
+    """Rank 0 packs and publishes from a thread (on a GPU, once each asynchronous copy is complete): versions
+    arrive in order, and the board's process never loads torch; a publication that cannot be packed (an
+    unpicklable weight) stops the next send with its error."""
+    from iai_dist.service.board import WeightBoard
+    from iai_dist.service.episode_worker import unpack_weights
     from iai_dist.service.feed import Publisher
 
     board = ray.remote(num_cpus=0)(WeightBoard).remote()
@@ -203,8 +204,11 @@ def test_weights_reach_the_board_from_the_publisher_thread_and_its_errors_reach_
     while ray.get(board.missing.remote(0, [2, 3])) and time.monotonic() < deadline:
         time.sleep(0.05)
     status, refs = ray.get(board.get.remote(0, 3))
-    assert status == "ready" and torch.equal(ray.get(refs[0])["w"], torch.full((2,), 3.0))
-    assert ray.get(board.missing.remote(0, [1, 2, 3])) == [1]  # version 1 dropped: kept from 2 on
+    assert status == "ready" and torch.equal(unpack_weights(ray.get(refs[0]), torch.device("cpu"))["w"],
+                                             torch.full((2,), 3.0))
+    info = ray.get(board.info.remote())
+    assert info["versions"] == [2, 3]  # version 1 dropped: kept from 2 on
+    assert "libtorch" not in Path(f"/proc/{info['pid']}/maps").read_text()
     publisher.send(0, 4, {"w": threading.Lock()}, None, keep_from=2)
     while publisher.error is None and time.monotonic() < deadline:
         time.sleep(0.05)

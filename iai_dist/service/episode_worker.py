@@ -1,5 +1,6 @@
 """Episode workers: Ray actors that sample the episodes a learner asks for, roll out K refinement states with
-the weight version it names, compute the inner-loss gradients, and ship the transitions.
+the weight version it names (from the weight board, packed by `pack_weights`), compute the inner-loss gradients,
+and ship the transitions.
 
 A request names everything: the learner attempt (generation), the weight version and the episode indices. A
 worker keeps no cursor and makes no choice, so a crashed worker that Ray restarts re-runs the request it died
@@ -8,6 +9,7 @@ in and returns the very same transitions, and training is reproducible however r
 
 from __future__ import annotations
 
+import io
 import os
 import time
 import warnings
@@ -24,55 +26,15 @@ from iai_dist.tasks import build_family
 WEIGHTS_TIMEOUT_S = 600.0  # a version that is not published in this long means the learner is gone
 
 
-class WeightBoard:
-    """The published refiner weights by version (the learner step that produced them), owned by this actor
-    so they outlive a restarted learner.
+def pack_weights(weights: dict[str, torch.Tensor]) -> bytes:
+    """Weights as the board holds them: bytes, which the board stores without importing torch."""
+    buffer = io.BytesIO()
+    torch.save(weights, buffer)
+    return buffer.getvalue()
 
-    Versions belong to a generation, one per learner attempt, increasing (the attempt's start time): a request
-    of an older generation is answered "superseded", so a worker never waits for, nor rolls out with, weights of
-    an attempt that was rolled back; one of a newer generation waits ("pending") until that attempt's rank 0
-    opens it, which may come after its other ranks' first requests. The board is restartable: after its own
-    death it comes back empty and answers "pending" until a learner rank hands it the versions still needed
-    again (`ensure`), which every rank does while it waits.
-    """
 
-    def __init__(self) -> None:
-        self.generation: int | None = None
-        self.versions: dict[int, list[ray.ObjectRef]] = {}
-
-    def ensure(self, generation: int, window: dict[int, dict[str, torch.Tensor]]) -> None:
-        """Open `generation` (dropping an older one) and hold every version of `window` it lacks."""
-        if self.generation is not None and generation < self.generation:
-            return  # a late call of an attempt that was rolled back
-        if generation != self.generation:
-            self.generation, self.versions = generation, {}
-        for version, weights in window.items():
-            if version not in self.versions:
-                self.versions[version] = [ray.put(weights)]  # lists: callers get refs, not values
-
-    def missing(self, generation: int, versions: list[int]) -> list[int]:
-        """Which of `versions` the board does not hold for `generation` (all of them after a restart)."""
-        if generation != self.generation:
-            return list(versions)
-        return [v for v in versions if v not in self.versions]
-
-    def publish(self, generation: int, version: int, weights: dict[str, torch.Tensor], keep_from: int) -> bool:
-        """Add a version and forget those below keep_from; False if the board does not know the generation
-        (it restarted): the publisher then hands it the whole window with `ensure`."""
-        if generation != self.generation:
-            return False
-        self.versions[version] = [ray.put(weights)]
-        for old in [v for v in self.versions if v < keep_from]:
-            del self.versions[old]
-        return True
-
-    def get(self, generation: int, version: int) -> tuple[str, list[ray.ObjectRef]]:
-        """("ready", [weights]), ("pending", []) or ("superseded", [])."""
-        if self.generation is not None and generation < self.generation:
-            return "superseded", []
-        if generation == self.generation and version in self.versions:
-            return "ready", self.versions[version]
-        return "pending", []
+def unpack_weights(payload: bytes, device: torch.device) -> dict[str, torch.Tensor]:
+    return torch.load(io.BytesIO(payload), map_location=device, weights_only=True)
 
 
 class EpisodeWorker:
@@ -108,7 +70,7 @@ class EpisodeWorker:
                 return False
             if status == "ready":
                 try:
-                    weights = ray.get(refs[0])
+                    weights = unpack_weights(ray.get(refs[0]), self.device)
                     break
                 except ray.exceptions.ObjectLostError:
                     pass  # the board died after answering: it is restarted and refilled; ask again

@@ -23,6 +23,7 @@ import torch
 from iai_dist.experience import EpisodeStream
 from iai_dist.learner import ServiceError
 from iai_dist.rollout import Transitions
+from iai_dist.service.episode_worker import pack_weights
 
 WAIT_SLICE_S = 1.0  # while waiting for a batch, check the weight board this often
 
@@ -112,7 +113,7 @@ class RayFeed:
         missing = ray.get(self.board.missing.remote(self.generation, list(self.window)))
         if missing:
             window = self._settled_window()
-            ray.get(self.board.ensure.remote(self.generation, {v: window[v] for v in missing}))
+            ray.get(self.board.ensure.remote(self.generation, {v: pack_weights(window[v]) for v in missing}))
 
     def learned(self, learner) -> None:
         if not self.schedule.publishes(learner.step):
@@ -152,8 +153,9 @@ def host_copy(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], "torch.c
 
 
 class Publisher:
-    """Rank 0's publications to the weight board, sent in order from a thread, each once its copy is complete:
-    the learner goes on to its next step while its GPU still finishes the last one (no host sync per step).
+    """Rank 0's publications to the weight board, packed and sent in order from a thread, each once its copy is
+    complete: the learner goes on to its next step while its GPU still finishes the last one (no host sync per
+    step).
     An error in the thread is raised by the next `send`, not lost with it."""
 
     def __init__(self, board):
@@ -171,7 +173,7 @@ class Publisher:
                 generation, version, weights, copied, keep_from = self.queue.get()
                 if copied is not None:
                     copied.synchronize()
-                self.board.publish.remote(generation, version, weights, keep_from)
+                self.board.publish.remote(generation, version, pack_weights(weights), keep_from)
         except Exception as exc:  # noqa: BLE001 - handed to the learner's thread
             self.error = exc
 

@@ -27,7 +27,8 @@ from iai_dist import checkpoint
 from iai_dist.config import ExperimentConfig
 from iai_dist.learner import ServiceError
 from iai_dist.rollout import Transitions
-from iai_dist.service.episode_worker import EpisodeWorker, WeightBoard
+from iai_dist.service.board import WeightBoard
+from iai_dist.service.episode_worker import EpisodeWorker
 from iai_dist.service.feed import error_line
 from iai_dist.service.learner_loop import learner_loop
 from iai_dist.tracking import RunLogger

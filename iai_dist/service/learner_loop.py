@@ -21,6 +21,7 @@ from iai_dist.checkpoint import check_resumable
 from iai_dist.config import validate
 from iai_dist.experience import EpisodeStream
 from iai_dist.learner import Learner, resume, train_loop
+from iai_dist.service.episode_worker import pack_weights
 from iai_dist.service.feed import RayFeed, RayTrainSink, VersionSchedule
 from iai_dist.tracking import RunLogger
 
@@ -49,7 +50,7 @@ def learner_loop(config: dict) -> dict:
     if world > 1:
         dist.broadcast_object_list(generation, src=0)
     if rank == 0:
-        ray.get(board.ensure.remote(generation[0], window))
+        ray.get(board.ensure.remote(generation[0], {v: pack_weights(w) for v, w in window.items()}))
     mine = {w: h for w, h in enumerate(config["episode_workers"]) if w % world == rank}
     stream = EpisodeStream(cfg.train.tasks_per_batch, rank, world, cursor)
     feed = RayFeed(learner, stream, mine, board, generation[0], schedule, window, cfg.train.max_steps)
