@@ -62,4 +62,5 @@ class WeightBoard:
         return "pending", []
 
     def info(self) -> dict:
+        """Its process and what it holds (the versions of the open generation)."""
         return {"pid": os.getpid(), "generation": self.generation, "versions": sorted(self.versions)}

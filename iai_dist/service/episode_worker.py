@@ -34,6 +34,7 @@ def pack_weights(weights: dict[str, torch.Tensor]) -> bytes:
 
 
 def unpack_weights(payload: bytes, device: torch.device) -> dict[str, torch.Tensor]:
+    """A board version's weights, onto `device` (tensors only: weights_only)."""
     return torch.load(io.BytesIO(payload), map_location=device, weights_only=True)
 
 

@@ -155,8 +155,7 @@ def host_copy(model: torch.nn.Module) -> tuple[dict[str, torch.Tensor], "torch.c
 class Publisher:
     """Rank 0's publications to the weight board, packed and sent in order from a thread, each once its copy is
     complete: the learner goes on to its next step while its GPU still finishes the last one (no host sync per
-    step).
-    An error in the thread is raised by the next `send`, not lost with it."""
+    step). An error in the thread is raised by the next `send`, not lost with it."""
 
     def __init__(self, board):
         self.board, self.queue, self.error = board, queue.SimpleQueue(), None
