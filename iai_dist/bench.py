@@ -7,7 +7,7 @@
                                         own test split and on another data set, per regime, vs one-step and Adam
                                         (embeddings: --pairs PRESET:task.embeddings.test=OTHER.npz with --set ...)
     python -m iai_dist.bench sampler    [--presets digits,...]         : image episodes/s alone vs the learner's rate
-    python -m iai_dist.bench throughput [--preset P] [--minutes M]     : Ray service: in process vs 1+1 vs 2+2 workers
+    python -m iai_dist.bench throughput [--preset P] [--minutes M]     : Ray service: in process vs 1+1, 2+2, 1+3 workers
     python -m iai_dist.bench memory     [--at 5,30]                    : Ray service: RSS of driver and workers over a run
     python -m iai_dist.bench chaos      [--kills 6] [--minutes 3]      : Ray service: faults injected by PID on a loopback
                                         two-node cluster vs the same job undisturbed
@@ -325,9 +325,12 @@ def main(argv: list[str] | None = None) -> None:
     r = sub.add_parser("throughput")
     r.add_argument("--preset", default="linreg-paper")
     r.add_argument("--steps", type=int, default=80, help="learner steps per mode for the rates")
-    r.add_argument("--minutes", type=float, default=3.0, help="equal wall-clock budget of (a) and (c); 0 skips")
+    r.add_argument("--minutes", type=float, default=3.0, help="equal wall-clock budget of every mode run; 0 skips")
     r.add_argument("--episodes", type=int, default=1024, help="held-out episodes scoring every mode")
-    r.add_argument("--modes", default="abc", help="which of (a) in process, (b) 1 + 1, (c) 2 + 2 to run; (a) always")
+    r.add_argument("--modes", default="abc", help="which of (a) in process, (b) 1 + 1, (c) 2 + 2, (d) 1 + 3 learners + "
+                   "episode workers to run; (a) always. On one GPU: --modes d --set distributed.use_gpu=true --set "
+                   "distributed.learner_gpus=0.25")
+    r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     m = sub.add_parser("memory")
     m.add_argument("--preset", default="default")
     m.add_argument("--at", default="5,30", help="minutes at which to report")

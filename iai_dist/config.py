@@ -199,7 +199,10 @@ class DistributedConfig(_Section):
 
     num_workers: int = Field(0, ge=0)  # Ray Train learner workers (DDP ranks); 0 = train in this process
     episode_workers: int = Field(0, ge=0)  # episode-worker actors, dealt round-robin to the learner ranks
-    use_gpu: bool = False  # learners get one GPU each, episode workers `episode_worker_gpus` of one
+    use_gpu: bool = False  # learners get `learner_gpus` of a GPU each, episode workers `episode_worker_gpus` of one
+    # With use_gpu: below 1, a single learner shares its GPU with episode workers (0.25 + 3 x 0.25: one card).
+    # DDP ranks need a GPU each (NCCL refuses two ranks on one), so several learners take 1.
+    learner_gpus: float = Field(1.0, gt=0, le=1)
     learner_cpus: float = Field(1.0, gt=0)  # CPUs reserved per learner (fractions let several share a core)
     episode_worker_cpus: float = Field(1.0, gt=0)
     episode_worker_gpus: float = Field(0.25, gt=0, le=1)  # with use_gpu: 0.25 puts four workers on one GPU
@@ -250,6 +253,9 @@ class ExperimentConfig(_Section):
             if d.episode_workers:
                 raise ValueError("distributed.episode_workers needs distributed.num_workers > 0 (the Ray service)")
             return self
+        if d.use_gpu and d.learner_gpus < 1 and d.num_workers > 1:
+            raise ValueError(f"distributed.learner_gpus {d.learner_gpus:g} with distributed.num_workers {d.num_workers}: "
+                             "Ray would pack DDP ranks onto one GPU, which NCCL refuses; set it to 1")
         if self.train.compile == "graphs" and d.num_workers > 1:
             raise ValueError("train.compile 'graphs': CUDA graphs cannot hold DDP's gradient all-reduce; with "
                              f"distributed.num_workers {d.num_workers} use 'step'")

@@ -73,7 +73,7 @@ def test_deploy_yaml_is_a_rayjob_with_head_gpu_workers_mlflow_and_shared_storage
     # enough GPUs for what the entrypoint asks
     d = cfg.distributed
     gpus = sum(int(g["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"]) * g["replicas"] for g in gpu)
-    assert gpus >= d.num_workers + d.episode_workers * d.episode_worker_gpus
+    assert gpus >= d.num_workers * d.learner_gpus + d.episode_workers * d.episode_worker_gpus
 
 
 def test_a_job_on_a_cluster_spanning_machines_refuses_relative_data_paths(tmp_path):

@@ -47,6 +47,8 @@ BAD = [
     (["--set", "distributed.staleness=-1"], "distributed.staleness: Input should be greater than or equal to 0"),
     (["--set", "train.autocast=fp16"], "train.autocast: Input should be 'auto', 'off' or 'bf16' (got 'fp16')"),
     (["--set", "distributed.episode_worker_gpus=1.5"], "distributed.episode_worker_gpus: Input should be less than or equal to 1"),
+    (["--set", "distributed.use_gpu=true", "--set", "distributed.num_workers=2", "--set", "distributed.episode_workers=2",
+      "--set", "distributed.learner_gpus=0.5"], "distributed.learner_gpus 0.5 with distributed.num_workers 2"),
     (["--set", "train.compile=yes"], "train.compile: Input should be 'off', 'refiner', 'step' or 'graphs' (got 'yes')"),
     (["--set", "distributed.num_workers=2", "--set", "distributed.episode_workers=2", "--set", "train.compile=graphs"],
      "train.compile 'graphs': CUDA graphs cannot hold DDP's gradient all-reduce"),

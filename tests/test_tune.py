@@ -134,6 +134,10 @@ def test_paper_sweep_on_the_aws_cluster_runs_as_many_trials_as_its_gpu_nodes_hol
     # a trial: 1 learner (1 GPU) + 2 episode workers (0.25 GPU each) = 1.5 GPUs; 8 nodes x 4 GPUs hold 21
     assert trials_at_once(base, space, None, capacity) == 21
     assert trials_at_once(base, space, 5, capacity) == 5
+    # a learner sharing its card: 0.25 + 2 x 0.25 = 0.75 GPUs a trial, 5 a node: all 28 trials of the space at once
+    shared = load_space(ROOT / "tune_spaces" / "paper.yaml", None,
+                        ["distributed.use_gpu=true", "distributed.learner_gpus=0.25"])[1]
+    assert space.num_trials() == 28 and trials_at_once(shared, space, None, capacity) == 28
 
 
 def _fail_implicit(cfg) -> None:

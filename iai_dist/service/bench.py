@@ -1,6 +1,6 @@
 """Service benchmarks (python -m iai_dist.bench throughput | memory | sweep | chaos), side by side in one run.
 
-throughput: the same model trained (a) in process, (b) 1 learner + 1 episode worker, (c) 2 + 2 on Ray:
+throughput: the same model trained (a) in process, (b) 1 learner + 1 episode worker, (c) 2 + 2, (d) 1 + 3 on Ray:
 transitions/s and learner idle % in the steady state, then each trained for the same wall-clock budget and
 scored on the same held-out episodes (what staleness and the service's overheads cost).
 memory: one long `python -m iai_dist.train` run, the resident memory of the driver and of each worker.
@@ -77,11 +77,13 @@ def throughput(args) -> None:
     from iai_dist.bench import write  # the shared table/JSON writer of the torch-only benchmarks
 
     base = load_config(args.preset, overrides=["tracking.enabled=false", "eval.monitor_episodes=0",
-                                               f"train.log_every={args.steps // 4}", "train.checkpoint_every=100000"])
+                                               f"train.log_every={args.steps // 4}", "train.checkpoint_every=100000",
+                                               *args.overrides])
     share = {"distributed.learner_cpus": 1.0, "distributed.episode_worker_cpus": 1.0}
     modes = {"(a) in process": {}, "(b) 1 learner + 1 episode worker": {"distributed.num_workers": 1,
              "distributed.episode_workers": 1, **share},
-             "(c) 2 learners + 2 episode workers": {"distributed.num_workers": 2, "distributed.episode_workers": 2, **share}}
+             "(c) 2 learners + 2 episode workers": {"distributed.num_workers": 2, "distributed.episode_workers": 2, **share},
+             "(d) 1 learner + 3 episode workers": {"distributed.num_workers": 1, "distributed.episode_workers": 3, **share}}
     modes = {name: sets for name, sets in modes.items() if name[1] in args.modes or name.startswith("(a)")}
     out = Path(args.out).resolve()
     runs = out / f"throughput-runs-{time.strftime('%Y%m%d-%H%M%S')}"

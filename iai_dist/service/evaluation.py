@@ -26,7 +26,7 @@ def evaluate_on_cluster(cfg: ExperimentConfig, state: dict, one_step_state: dict
     process and its episode workers), so that it can get the GPU."""
     d = cfg.distributed
     task = ray.remote(_evaluate).options(
-        num_cpus=d.learner_cpus, num_gpus=1 if d.use_gpu else 0, max_retries=2,
+        num_cpus=d.learner_cpus, num_gpus=d.learner_gpus if d.use_gpu else 0, max_retries=2,
         scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=None),
     )
     summary = ray.get(task.remote(cfg.model_dump(mode="json"), state, one_step_state))

@@ -24,7 +24,7 @@ from ray.train import (
 from ray.train.torch import TorchConfig, TorchTrainer
 
 from iai_dist import checkpoint
-from iai_dist.config import ExperimentConfig
+from iai_dist.config import DistributedConfig, ExperimentConfig
 from iai_dist.learner import ServiceError
 from iai_dist.rollout import Transitions
 from iai_dist.service.board import WeightBoard
@@ -57,6 +57,11 @@ def training_failure(error: TrainingFailedError) -> str:
     if isinstance(error, ControllerError):
         return error_line(error.controller_failure)
     return error_line(error)
+
+
+def learner_resources(d: DistributedConfig) -> dict[str, float]:
+    """What one learner (a Ray Train worker) reserves."""
+    return {"CPU": d.learner_cpus, **({"GPU": d.learner_gpus} if d.use_gpu else {})}
 
 
 def newest_checkpoint(run_dir: Path, cfg: ExperimentConfig) -> tuple[Path, dict] | None:
@@ -115,7 +120,7 @@ def fit(
                            "driver_checkpoint": None if found is None else ray.put(found[1])},
         torch_config=TorchConfig(backend="nccl" if d.use_gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=d.num_workers, use_gpu=d.use_gpu,
-                                     resources_per_worker={"CPU": d.learner_cpus, **({"GPU": 1} if d.use_gpu else {})}),
+                                     resources_per_worker=learner_resources(d)),
         run_config=RunConfig(
             name=run_dir.name,
             storage_path=cfg.tracking.storage or str(run_dir.parent),
@@ -130,9 +135,8 @@ def fit(
         infos = ray.get([w.info.remote() for w in workers])
     except TrainingFailedError as exc:  # after Ray Train's own retries: one line, the learner's own error
         if isinstance(exc, ControllerError) and type(exc.controller_failure).__name__ in UNPLACED:
-            learner = {"CPU": d.learner_cpus, **({"GPU": 1} if d.use_gpu else {})}
             raise ServiceError(
-                f"[{label}] the {d.num_workers} learner(s) ({learner} each) were not placed within "
+                f"[{label}] the {d.num_workers} learner(s) ({learner_resources(d)} each) were not placed within "
                 f"{d.placement_timeout_s:g}s (distributed.placement_timeout_s): the cluster lacks, or could not scale "
                 f"up to, those resources") from None
         raise ServiceError(f"[{label}] training failed: {training_failure(exc)}") from None
