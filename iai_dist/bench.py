@@ -327,8 +327,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--steps", type=int, default=80, help="learner steps per mode for the rates")
     r.add_argument("--minutes", type=float, default=3.0, help="equal wall-clock budget of every mode run; 0 skips")
     r.add_argument("--episodes", type=int, default=1024, help="held-out episodes scoring every mode")
-    r.add_argument("--modes", default="abc", help="which of (a) in process, (b) 1 + 1, (c) 2 + 2, (d) 1 + 3 learners + "
-                   "episode workers to run; (a) always")
+    r.add_argument("--modes", default="abc", help="(a) in process, always; (b) 1+1, (c) 2+2, (d) 1+3 learners+workers")
     r.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     m = sub.add_parser("memory")
     m.add_argument("--preset", default="default")
