@@ -225,8 +225,8 @@ class Learner:
         self.step = ckpt["step"]
         self._skips = torch.tensor([ckpt["skipped"], ckpt["nonfinite_in_row"]], dtype=torch.float32, device=self.device)
         torch.set_rng_state(ckpt["torch_rng"])
-        if ckpt["cuda_rng"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(ckpt["cuda_rng"])
+        if ckpt["cuda_rng"] and torch.cuda.is_available():  # a process may see fewer GPUs than the one that saved
+            torch.cuda.set_rng_state_all(ckpt["cuda_rng"][:torch.cuda.device_count()])
 
 
 def resume(learner: Learner, ckpt: dict) -> int:

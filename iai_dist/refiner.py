@@ -106,7 +106,15 @@ class IterativeModel(nn.Module):
         self.obs_predictions = cfg.regime.obs_predictions and cfg.regime.kind != "implicit"
         obs_dim = family.x_dim + family.out_dim * (2 if self.obs_predictions else 1)
         self.refiner = Refiner(cfg.refiner, self.regime, obs_dim, max_steps=cfg.task.steps)
-        self.autocast = cfg.train.autocast  # auto | off | bf16, resolved for the device of each step
+        self.autocast = cfg.train.autocast  # auto | off | bf16
+        self.bf16 = uses_bf16(self.autocast, torch.device("cpu"))
+
+    def _apply(self, fn, recurse=True):
+        """Every move (.to, .cuda, .cpu) comes through here: train.autocast is resolved for the new device once,
+        so a compiled step reads a bool and does not probe the device (which would break its graph)."""
+        super()._apply(fn, recurse)
+        self.bf16 = uses_bf16(self.autocast, next(self.parameters()).device)
+        return self
 
     def initial_state(self, x_query: torch.Tensor) -> torch.Tensor:
         return self.regime.initial_state(x_query)
@@ -136,6 +144,6 @@ class IterativeModel(nn.Module):
                 parts.append(self.family.encode_predictions(self.regime.predict(state, x)))
             obs = torch.cat(parts, -1)
         tokens, memory = self.regime.state_tokens(state, grad, x_query), self.regime.memory_tokens(state)
-        with torch.autocast(state.device.type, dtype=torch.bfloat16, enabled=uses_bf16(self.autocast, state.device)):
+        with torch.autocast(state.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             update = self.refiner(tokens, obs, step, memory)
         return self.regime.apply_update(state, update.float())

@@ -38,8 +38,18 @@ class Transitions:
         return rep(self.x_query), rep(self.y_query)
 
     def to(self, device: torch.device | str) -> "Transitions":
-        """A copy on `device` whose tensors own exactly their data (a pickled view would carry its whole base)."""
-        move = lambda v: None if v is None else v.to(device, copy=True)  # noqa: E731
+        """A copy on `device` whose tensors own exactly their data (a pickled view would carry its whole base).
+        From host memory onto a GPU through pinned pages: the copy then queues behind the GPU's work instead
+        of making the host wait for it (a sync per learner step)."""
+        to_gpu = torch.device(device).type == "cuda"
+
+        def move(v: torch.Tensor | None) -> torch.Tensor | None:
+            if v is None:
+                return None
+            if to_gpu and v.device.type == "cpu":
+                return v.pin_memory().to(device, non_blocking=True)
+            return v.to(device, copy=True)
+
         return Transitions(*(move(getattr(self, f)) for f in _TENSORS), version=self.version,
                            first_episode=self.first_episode)
 

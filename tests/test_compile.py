@@ -18,6 +18,7 @@ REGIMES = {
     "observations": ["regime.memory=observations"],
     "unroll+learned": ["train.unroll=2", "regime.memory=learned"],
     "bf16": ["train.autocast=bf16"],
+    "auto": ["train.autocast=auto"],  # resolved when the model is placed, not probed inside the graph
 }
 
 

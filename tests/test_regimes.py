@@ -2,6 +2,7 @@ import pytest
 import torch
 
 from iai_dist.config import ConfigError, load_config
+from iai_dist.devices import bf16_native
 from iai_dist.refiner import Block, IterativeModel
 from iai_dist.tasks import build_family
 
@@ -114,13 +115,22 @@ def test_bf16_autocast_runs_only_the_refiner_in_bf16():
     x, y = ep.minibatch(0)
     state = m.initial_state(ep.x_query)
     args = (state, x, y, m.signal(state, x, y), torch.zeros(4, dtype=torch.long), ep.x_query)
-    m.autocast = "off"
+    m.bf16 = False
     full = m.step(*args)
-    m.autocast = "bf16"
+    m.bf16 = True
     half = m.step(*args)
     assert half.dtype == torch.float32
     assert not torch.equal(half, full)
     torch.testing.assert_close(half, full, rtol=0.05, atol=0.02)
+
+
+def test_train_autocast_is_resolved_where_the_model_is_placed():
+    """auto takes bf16 only where the device runs it natively; decided at each move, not inside a (compiled) step."""
+    for setting in ("off", "bf16", "auto"):
+        _, _, m = build("linear_regression", "parametric", "obs+grad", "linear", **{"train.autocast": setting})
+        expected = {"off": False, "bf16": True, "auto": bf16_native(torch.device("cpu"))}[setting]
+        assert m.bf16 is expected and m.to("cpu").bf16 is expected
+        assert m.to("meta").bf16 is (setting == "bf16")  # no native bf16 known for the meta device
 
 
 @pytest.mark.parametrize("kind", ["parametric", "explicit"])

@@ -131,7 +131,7 @@ def test_train_cli_on_ray_logs_one_mlflow_run_with_service_metrics_and_sample_pi
     run_dir = tmp_path / "onray"
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["train"]["steps"] == 60 and summary["train"]["episodes"] == 60 * 32
-    assert summary["evaluated_by"]["pid"] != os.getpid()
+    assert summary["evaluated_by"]["pid"] != os.getpid() and summary["evaluated_by"]["device"] == "cpu"
     assert {"refiner", "em", "adam", "one_step", "floor"} <= set(summary["generative"]["sets"]["test"]["sw2"])
     assert (run_dir / "one_step" / "checkpoint.pt").exists()
 
