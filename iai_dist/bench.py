@@ -18,16 +18,15 @@
 quality, learner, scaling, transfer, sampler and latent need torch only (they run on the GPU machine without Ray);
 the others run the Ray service.
 Image benchmarks live in bench_images.py, the estimator's in bench_adapt.py, scaling in bench_scaling.py,
-the explicit regime's floor in bench_latent.py, the service's in service/bench.py; this module parses for all.
+the explicit regime's floor in bench_latent.py, the learner's rates in bench_learner.py, the service's in
+service/bench.py; this module parses for all.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -36,7 +35,6 @@ import torch
 
 from iai_dist import baselines
 from iai_dist.config import ExperimentConfig, load_config
-from iai_dist.devices import resolve_device, uses_bf16
 from iai_dist.evaluate import evaluate, format_table, one_step_config
 from iai_dist.experience import EpisodeStream, LocalRollouts
 from iai_dist.learner import FileSink, Learner, train_in_process, train_loop
@@ -104,7 +102,7 @@ def steps_in_process(learner: Learner, n: int) -> None:
 def train_for(cfg: ExperimentConfig, minutes: float, label: str) -> tuple[Learner, float]:
     """Train for a wall-clock budget. The number of learner steps is fixed up front from the measured
     step time, so warmup and cosine decay run their full course within the budget."""
-    probe = Learner(cfg.with_overrides({"train.log_every": 10**9, "train.max_steps": 10**9}))
+    probe = Learner(cfg.with_overrides({"train.log_every": 10**9, "train.max_steps": 10**9, "eval.monitor_episodes": 0}))
     steps_in_process(probe, 1)
     t0, n = time.perf_counter(), 3
     steps_in_process(probe, n)
@@ -157,120 +155,6 @@ def quality(args) -> None:
     write(Path(args.out), "quality", {"minutes": args.minutes, "settings": results, "reference": REFERENCE}, table)
 
 
-def learner_rate(cfg: ExperimentConfig, device: torch.device, warmup: int, steps: int
-                 ) -> tuple[float, float | None, float]:
-    """Learner steps/s of the in-process path after `warmup` steps, the peak GPU memory (MiB) of those steps on
-    CUDA (None elsewhere: a CPU process's peak RSS does not come down between settings) and the warmup's
-    seconds (where train.compile compiles)."""
-    learner = Learner(cfg.with_overrides({"train.max_steps": 10**9, "train.log_every": 10**9}), device)
-    t0 = time.perf_counter()
-    steps_in_process(learner, warmup)
-    sync_device(device)
-    warmup_s = time.perf_counter() - t0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    steps_in_process(learner, steps)
-    sync_device(device)
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return steps / (time.perf_counter() - t0), peak, warmup_s
-
-
-def learner(args) -> None:
-    """Learner steps on linreg-paper at each --tasks tasks per step: fp32 and bf16 autocast (and which one
-    train.autocast=auto picks here), under each train.compile mode asked for (x eager: the ratio to the 'off' row
-    of the same setting, measured in this run); with --baseline REF, this tree (at the last --compile mode) and
-    git revision REF (eager) side by side, in alternating processes. --unroll 1,2,5,10: the cost of non-greedy
-    training (train.unroll) per learner step, side by side."""
-    device = resolve_device(args.device)
-    rows = []
-    for name in args.settings.split(","):
-        preset, overrides = SETTINGS[name]
-        for tasks in [int(n) for n in args.tasks.split(",")]:
-            for autocast in args.autocast.split(","):
-                for unroll in [int(n) for n in args.unroll.split(",")]:
-                    for mode in args.compile.split(","):
-                        sets = [f"train.tasks_per_batch={tasks}", f"train.compile={mode}",
-                                f"train.autocast={autocast}", f"train.unroll={unroll}"]
-                        cfg = load_config(preset, overrides=[*overrides, *sets])
-                        rate, peak, warmup_s = learner_rate(cfg, device, args.warmup, args.steps)
-                        rows.append({"setting": name, "compile": mode, "device": str(device), "tasks": tasks,
-                                     "autocast": autocast, "unroll": unroll,
-                                     "auto_picks": autocast == ("bf16" if uses_bf16("auto", device) else "off"),
-                                     "learner_steps_per_s": rate, "episodes_per_s": tasks * rate,
-                                     "refinement_steps_per_s": tasks * cfg.task.steps * rate, "peak_gpu_mib": peak,
-                                     "warmup_s": warmup_s})
-                        print(f"   {name} tasks={tasks} {autocast} compile={mode} unroll={unroll}: {rate:.2f} learner "
-                              f"steps/s (warmup {warmup_s:.1f}s)", flush=True)
-    same = lambda r: (r["setting"], r["tasks"], r["autocast"], r["unroll"])  # noqa: E731
-    eager = {same(r): r["learner_steps_per_s"] for r in rows if r["compile"] == "off"}
-    for r in rows:
-        r["x_eager"] = r["learner_steps_per_s"] / eager[same(r)] if r["compile"] != "off" and same(r) in eager else None
-    head = ("| setting | device | compile | autocast | unroll | tasks/step | learner steps/s | episodes/s | "
-            "refinement steps/s | x eager | warmup s | peak GPU MiB |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
-    lines = [f"| {r['setting']} | {r['device']} | {r['compile']} | {r['autocast']}{' (auto)' if r['auto_picks'] else ''} "
-             f"| {r['unroll']} | {r['tasks']} | {r['learner_steps_per_s']:.2f} | {r['episodes_per_s']:.0f} | "
-             f"{r['refinement_steps_per_s']:.0f} | {_cell(r['x_eager'], '.2f')} | "
-             f"{r['warmup_s']:.1f} | {_cell(r['peak_gpu_mib'], '.0f')} |" for r in rows]
-    table = ("\n".join([head, *lines]) + "\n\n(auto): what train.autocast=auto runs on this device. warmup s: the first "
-             f"{args.warmup} steps, where train.compile compiles.")
-    payload = {"rows": rows}
-    if args.baseline:
-        payload["baseline"] = side_by_side(args, device)
-        b = payload["baseline"]
-        table += (f"\n\nSide by side with {b['ref']} ({b['rounds']} alternating rounds, {b['autocast']} both, "
-                  f"{b['tasks']} tasks, median learner steps/s): this tree (compile={b['compile']}) {b['this']:.3f}, "
-                  f"{b['ref']} (eager) {b['base']:.3f}: ratio {b['ratio']:.3f}")
-    write(Path(args.out), f"learner-{device.type}", payload, table)
-
-
-def _cell(value: float | None, spec: str) -> str:
-    return "-" if value is None else format(value, spec)
-
-
-def side_by_side(args, device: torch.device) -> dict:
-    """`bench learner` of this tree and of git revision args.baseline, one setting, in alternating fresh
-    processes (so neither gets a warmer machine), at the precision auto picks here for both."""
-    import shutil
-    import statistics
-    import tempfile
-
-    root = Path(__file__).resolve().parent.parent
-    autocast = "bf16" if uses_bf16("auto", device) else "off"
-    export = Path(tempfile.mkdtemp(prefix="iai-baseline-"))
-    try:
-        archive = subprocess.run(["git", "-C", str(root), "archive", args.baseline, "iai_dist"], capture_output=True)
-        if archive.returncode:
-            sys.exit(f"error: --baseline {args.baseline}: {archive.stderr.decode().strip()}")
-        subprocess.run(["tar", "-x", "-C", str(export)], input=archive.stdout, check=True)
-        for preset in (export / "iai_dist" / "presets").glob("*.yaml"):  # older trees hard-code bf16 in presets
-            preset.write_text(preset.read_text().replace("autocast: bf16", f"autocast: '{autocast}'"))
-        setting = args.settings.split(",")[0]
-        tasks, mode = args.tasks.split(",")[0], args.compile.split(",")[-1]
-        common = ["--settings", setting, "--tasks", tasks, "--steps", str(args.steps),
-                  "--warmup", str(args.warmup), "--device", args.device, "--autocast", autocast]
-        rates: dict[str, list[float]] = {"this": [], "base": []}
-        for r in range(args.rounds):
-            for side, tree in (("base", export), ("this", root)):
-                out = export / f"out-{side}-{r}"
-                env = {**os.environ, "PYTHONPATH": str(tree)}
-                this_mode = ["--compile", mode] if side == "this" else []  # older trees know no modes: eager
-                proc = subprocess.run([sys.executable, "-m", "iai_dist.bench", "learner", *common, *this_mode,
-                                       "--out", str(out)],
-                                      cwd=tree, env=env, capture_output=True, text=True)
-                if proc.returncode:
-                    sys.exit(f"error: bench learner of {side} failed: {proc.stderr.strip().splitlines()[-1]}")
-                row = json.loads((out / f"learner-{device.type}.json").read_text())["rows"][0]
-                rates[side].append(row["learner_steps_per_s"])
-                print(f"   round {r + 1}: {side} {rates[side][-1]:.3f} learner steps/s", flush=True)
-    finally:
-        shutil.rmtree(export, ignore_errors=True)
-    this, base = statistics.median(rates["this"]), statistics.median(rates["base"])
-    return {"ref": args.baseline, "setting": setting, "rounds": args.rounds, "autocast": autocast,
-            "tasks": int(tasks), "compile": mode,
-            "rates": rates, "this": this, "base": base, "ratio": this / base}
-
-
 def sync_device(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
@@ -294,7 +178,8 @@ def main(argv: list[str] | None = None) -> None:
     t.add_argument("--compile", default="off", help="comma-separated train.compile modes: off, refiner, step, graphs")
     t.add_argument("--autocast", default="off,bf16", help="comma-separated train.autocast values to measure")
     t.add_argument("--unroll", default="1", help="comma-separated train.unroll values to measure")
-    t.add_argument("--baseline", metavar="REF", help="also time git revision REF side by side (e.g. main)")
+    t.add_argument("--baseline", metavar="REF", help="also time git revision REF (or a directory holding an "
+                   "exported iai_dist/) side by side")
     t.add_argument("--rounds", type=int, default=3, help="alternating rounds of the --baseline comparison")
     s = sub.add_parser("scaling")
     s.add_argument("--points", default="100,1000,10000")
@@ -394,7 +279,12 @@ def main(argv: list[str] | None = None) -> None:
 
         getattr(bench_images, args.bench)(args)
         return
-    {"quality": quality, "learner": learner}[args.bench](args)
+    if args.bench == "learner":
+        from iai_dist.bench_learner import learner
+
+        learner(args)
+        return
+    quality(args)
 
 
 if __name__ == "__main__":

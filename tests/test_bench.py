@@ -2,8 +2,13 @@
 
 import json
 import math
+import os
+from pathlib import Path
 
 from iai_dist import bench
+from iai_dist.learner import Learner
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_quality_bench_writes_table_and_json(tmp_path, capsys):
@@ -17,12 +22,17 @@ def test_quality_bench_writes_table_and_json(tmp_path, capsys):
     assert "DESIGN.md reference" in capsys.readouterr().out
 
 
-def test_learner_and_scaling_benches(tmp_path):
+def test_learner_and_scaling_benches(tmp_path, monkeypatch):
+    heldout = Learner.heldout_errors
+    monitored = []  # the timed steps are learner steps only: no held-out episodes are rolled out
+    monkeypatch.setattr(Learner, "heldout_errors", lambda self: monitored.append(self.cfg.eval.monitor_episodes)
+                        or heldout(self))
     bench.main(["learner", "--tasks", "2", "--steps", "1", "--warmup", "1", "--device", "cpu", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "learner-cpu.json").read_text())["rows"]
     assert [r["autocast"] for r in rows] == ["off", "bf16"] and sum(r["auto_picks"] for r in rows) == 1
     assert all(0 < r["learner_steps_per_s"] < 1000 for r in rows)  # 2 tasks of linreg-paper, 2-thread CPU
     assert all(r["compile"] == "off" and r["x_eager"] is None and r["warmup_s"] > 0 for r in rows)
+    assert monitored and set(monitored) == {0}
     bench.main(["learner", "--tasks", "8", "--steps", "1", "--warmup", "1", "--device", "cpu", "--autocast", "off",
                 "--unroll", "1,10", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "learner-cpu.json").read_text())["rows"]
@@ -32,6 +42,22 @@ def test_learner_and_scaling_benches(tmp_path):
     rows = json.loads((tmp_path / "scaling.json").read_text())["rows"]
     assert [(r["mode"], r["steps"], r["batch"]) for r in rows] == [("k-step", 2, 10), ("one-step", 1, 20)]
     assert all(r["seconds"] > 0 for r in rows)
+
+
+def test_learner_bench_side_by_side_with_an_exported_tree_keeps_the_callers_python_path(tmp_path, monkeypatch):
+    """On the GPU machine the packages come from a folder on PYTHONPATH and the tree travels without its git
+    history: --baseline takes an exported tree, and both sides' processes keep the caller's PYTHONPATH."""
+    site, marks = tmp_path / "site", tmp_path / "marks"
+    site.mkdir()
+    (site / "sitecustomize.py").write_text(f"open({str(marks)!r}, 'a').write('started\\n')\n")
+    monkeypatch.setenv("PYTHONPATH", str(site))
+    bench.main(["learner", "--tasks", "2", "--steps", "1", "--warmup", "1", "--device", "cpu", "--autocast", "off",
+                "--baseline", str(ROOT), "--rounds", "1", "--out", str(tmp_path)])
+    b = json.loads((tmp_path / "learner-cpu.json").read_text())["baseline"]
+    assert b["ref"] == str(ROOT) and len(b["rates"]["this"]) == len(b["rates"]["base"]) == 1
+    assert b["this"] > 0 and b["base"] > 0 and marks.read_text().count("started") >= 2
+    assert "Side by side with" in (tmp_path / "learner-cpu.md").read_text()
+    assert os.environ["PYTHONPATH"] == str(site)
 
 
 def test_service_throughput_bench_compares_modes_at_equal_wall_clock(ray_local, tmp_path):
