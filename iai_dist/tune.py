@@ -131,8 +131,7 @@ def main(argv: list[str] | None = None, on_trial=None) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    from iai_dist.service.runtime import ray_session
-    from iai_dist.service.runtime import check_shared_paths
+    from iai_dist.service.runtime import check_shared_paths, ray_session
     from iai_dist.service.sweep import run_sweep, trials_at_once
 
     with ray_session(base):

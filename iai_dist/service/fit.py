@@ -64,6 +64,11 @@ def learner_resources(d: DistributedConfig) -> dict[str, float]:
     return {"CPU": d.learner_cpus, **({"GPU": d.learner_gpus} if d.use_gpu else {})}
 
 
+def episode_worker_resources(d: DistributedConfig) -> dict[str, float]:
+    """What one episode-worker actor reserves."""
+    return {"CPU": d.episode_worker_cpus, **({"GPU": d.episode_worker_gpus} if d.use_gpu else {})}
+
+
 def newest_checkpoint(run_dir: Path, cfg: ExperimentConfig) -> tuple[Path, dict] | None:
     """The newest checkpoint of the run and its contents; a clear error if it cannot be resumed under `cfg`
     (unreadable, not ours, a change of what must not change), never a silent fresh start."""
@@ -102,12 +107,12 @@ def fit(
     board_name = f"{run_dir.name}:{label}:weight-board"
     # restartable: it comes back empty and the learners hand it the weights still needed (feed.RayFeed)
     board = ray.remote(num_cpus=0)(WeightBoard).options(name=board_name, max_restarts=-1, max_task_retries=-1).remote()
-    worker_cls = ray.remote(EpisodeWorker)
+    worker_cls, worker = ray.remote(EpisodeWorker), episode_worker_resources(d)
     workers = [
         worker_cls.options(
             name=episode_worker_name(run_dir, label, i),
-            num_cpus=d.episode_worker_cpus,
-            num_gpus=d.episode_worker_gpus if d.use_gpu else 0,
+            num_cpus=worker["CPU"],
+            num_gpus=worker.get("GPU", 0),
             max_restarts=d.worker_restarts,
             max_task_retries=-1,  # a request in flight when the worker died is re-run on its restart
         ).remote(cfg_data, i, board_name, d.use_gpu)

@@ -23,7 +23,7 @@ from ray.tune.schedulers import ASHAScheduler
 from iai_dist.config import ConfigError, ExperimentConfig, validate
 from iai_dist.search_space import Domain, SearchSpace, trial_overrides
 from iai_dist.service.feed import error_line
-from iai_dist.service.fit import learner_resources
+from iai_dist.service.fit import episode_worker_resources, learner_resources
 from iai_dist.service.capacity import Capacity, cluster_capacity, fits
 from iai_dist.sweep_report import TrialRow, short_params
 from iai_dist.tracking import Tracker
@@ -85,8 +85,8 @@ def trial_resources(cfg: ExperimentConfig) -> tune.PlacementGroupFactory:
 def training_bundles(cfg: ExperimentConfig) -> list[dict[str, float]]:
     """Everything one training of the sweep holds at once: the trial process, its episode workers, its learners."""
     d = cfg.distributed
-    worker = {"CPU": d.episode_worker_cpus, **({"GPU": d.episode_worker_gpus} if d.use_gpu else {})}
-    return [{"CPU": TRIAL_CPUS}] + [worker] * d.episode_workers + [learner_resources(d)] * d.num_workers
+    return ([{"CPU": TRIAL_CPUS}] + [episode_worker_resources(d)] * d.episode_workers
+            + [learner_resources(d)] * d.num_workers)
 
 
 def trials_at_once(base: ExperimentConfig, space: SearchSpace, cap: int | None, capacity: Capacity | None = None
