@@ -68,6 +68,9 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
     # non-greedy: every query loss backpropagated through the whole episode (train.unroll = K)
     "linreg-paper/parametric/obs+grad+unroll": ("linreg-paper", ["train.unroll=10"]),
     "mlpreg/parametric/obs+grad+unroll": ("mlpreg", ["train.unroll=10"]),
+    # trained past K: 2K-step rollouts on fresh mini-batches (train.horizon = 2)
+    "linreg-paper/parametric/obs+grad+horizon2": ("linreg-paper", ["train.horizon=2"]),
+    "mlpreg/parametric/obs+grad+horizon2": ("mlpreg", ["train.horizon=2"]),
     # learned memory slots (regime.memory=learned), which only the unrolled objective can teach
     "linreg-paper/parametric/obs+grad+unroll+learned": ("linreg-paper", ["train.unroll=10", "regime.memory=learned"]),
     "mlpreg/parametric/obs+grad+unroll+learned": ("mlpreg", ["train.unroll=10", "regime.memory=learned"]),

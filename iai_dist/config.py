@@ -135,6 +135,11 @@ class TrainConfig(_Section):
     # every `unroll` steps (1: the greedy objective; >= task.steps: through the whole episode). Costs a
     # learner step's activations x unroll in memory and runs the K steps one after another.
     unroll: PositiveInt = 1
+    # Roll out and learn from horizon x K refinement steps, on fresh mini-batches past K (steps past K reuse the
+    # last step embedding, as evaluation past K does). 1 trains on the K steps that evaluation's step K scores;
+    # more teaches the refiner to go on improving past K, where one trained on K steps degrades, at horizon x
+    # the transitions (rows) per learner step.
+    horizon: PositiveInt = 1
     seed: int = Field(0, ge=0)  # model init and the training episodes' seed
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # torch.compile (iai_dist/compiling.py): off | refiner (its Transformer only) | step (the whole greedy forward and

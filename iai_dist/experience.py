@@ -12,7 +12,17 @@ from typing import Protocol
 
 import torch
 
+from iai_dist.config import ExperimentConfig
 from iai_dist.rollout import Transitions, make_transitions
+from iai_dist.tasks import Episode, TaskFamily
+
+
+def training_episodes(family: TaskFamily, cfg: ExperimentConfig, first: int, count: int,
+                      device: torch.device | str) -> Episode:
+    """Episodes first..first+count-1 of the training stream (train.seed), train.horizon x K mini-batches each:
+    what the in-process learner and an episode worker roll out alike."""
+    return family.sample(cfg.train.seed, torch.arange(first, first + count),
+                         num_batches=cfg.train.horizon * cfg.task.steps, device=device)
 
 
 class EpisodeStream:
@@ -67,8 +77,7 @@ class LocalRollouts:
     def next(self, step: int) -> tuple[Transitions, float]:
         start = time.perf_counter()
         first = self.stream.first(step)
-        indices = torch.arange(first, first + self.stream.share)
-        episodes = self.learner.family.sample(self.learner.cfg.train.seed, indices, device=self.learner.device)
+        episodes = training_episodes(self.learner.family, self.learner.cfg, first, self.stream.share, self.learner.device)
         tr = make_transitions(self.learner.model, episodes, version=step, first_episode=first, roll=self.learner.roll)
         return tr, time.perf_counter() - start
 

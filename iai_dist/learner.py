@@ -194,14 +194,16 @@ class Learner:
             )
 
     def heldout_errors(self) -> list[float]:
-        """Query error % after steps 1..K on fixed held-out episodes (eval.seed + 2): the monitored curve."""
+        """Query error % after steps 1..horizon x K on fixed held-out episodes (eval.seed + 2): the monitored
+        curve, over the steps that training learns from."""
         n = self.cfg.eval.monitor_episodes
         if n == 0:
             return []
         if self._heldout is None:
-            self._heldout = self.family.sample(self.cfg.eval.seed + 2, torch.arange(n), device=self.device, split="test")
+            self._heldout = self.family.sample(self.cfg.eval.seed + 2, torch.arange(n), device=self.device, split="test",
+                                               num_batches=self.cfg.train.horizon * self.cfg.task.steps)
         self.model.eval()
-        terms = torch.stack(refine(self.model, self._heldout)[1:]).sum(-1)  # [K, 2]
+        terms = torch.stack(refine(self.model, self._heldout)[1:]).sum(-1)  # [horizon x K, 2]
         return (100.0 * terms[:, 0] / terms[:, 1]).tolist()
 
     def state_dict(self) -> dict:
@@ -328,8 +330,10 @@ def train_loop(
                 sys.stdout.flush()
             if log is not None:
                 log(metrics, learner.step)
-            # what a sweep schedules on (Tune sees the reports): a key that does not depend on K
-            metrics.update(learner_step=learner.step, heldout_error=(heldout or values.step_errors)[-1])
+            # what a sweep schedules on (Tune sees the reports): the error after step K, under a key that does not
+            # depend on K
+            metrics.update(learner_step=learner.step,
+                           heldout_error=(heldout or values.step_errors)[learner.cfg.task.steps - 1])
         state = None
         if saving:  # the episode cursor as counted: every batch learned from, on every rank
             episodes = stream.start + int(_summed([float(stream.taken)], learner.device)[0])

@@ -43,10 +43,11 @@ def report_steps(k: int, horizon: int) -> list[int]:
 
 
 def progress_line(label: str, learner, stats, window: Window, heldout: list[float], elapsed: float) -> str:
-    """One log line: step, rate, loss, held-out query error after steps 1, 2, 5, K (the training batch's when
-    there is no held-out set), lr, skipped steps, the learner's idle share and staleness, time."""
+    """One log line: step, rate, loss, held-out query error after steps 1, 2, 5, K (and 2K, and the last one
+    trained on, under train.horizon; the training batch's when there is no held-out set), lr, skipped steps,
+    the learner's idle share and staleness, time."""
     errors, where = (heldout, "held-out") if heldout else (stats.step_errors, "batch")
-    errs = " ".join(f"@{s}:{errors[s - 1]:.3g}%" for s in report_steps(len(errors), len(errors)))
+    errs = " ".join(f"@{s}:{errors[s - 1]:.3g}%" for s in report_steps(learner.cfg.task.steps, len(errors)))
     tc = learner.cfg.train
     rate = window.steps_per_s
     return (

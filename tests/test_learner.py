@@ -12,11 +12,41 @@ from iai_dist.experience import EpisodeStream, LocalRollouts
 from iai_dist.learner import Learner, TrainingDiverged, lr_multiplier, param_groups, train_in_process
 from iai_dist.objective import greedy_terms
 from iai_dist.regimes.explicit import auto_decode
-from iai_dist.rollout import make_transitions, refine
+from iai_dist.evaluate import one_step_config
+from iai_dist.rollout import make_transitions, refine, refined_states
 
 
 def quiet_train(cfg, path, **kw):
     return train_in_process(cfg, path, progress=False, **kw)
+
+
+def test_horizon_rolls_out_past_k_on_fresh_minibatches_and_learns_from_every_step(tiny_cfg):
+    """train.horizon=2: each training episode runs 2K refinement steps on 2K mini-batches. Its first K steps are
+    the horizon-1 transitions exactly; the next K go on from there (the refiner on its last step embedding);
+    the objective, the per-step errors and the monitored curve span all 2K; the one-step model keeps horizon 1."""
+    k = tiny_cfg.task.steps
+    deep = tiny_cfg.with_overrides({"train.horizon": 2, "eval.monitor_episodes": 16})
+    learner = Learner(deep)
+    source = LocalRollouts(learner, EpisodeStream(deep.train.tasks_per_batch))
+    for step in range(3):  # past the zero-initialised update, so that states move
+        learner.learn(source.next(step)[0])
+    tr, _ = source.next(3)
+    t, tasks = tr.num_tasks, torch.arange(tr.first_episode, tr.first_episode + tr.num_tasks)
+    assert tr.num_steps == 2 * k and tr.step.tolist() == [i for i in range(2 * k) for _ in range(t)]
+    shallow = make_transitions(learner.model, learner.family.sample(deep.train.seed, tasks))
+    assert shallow.num_steps == k
+    for field in ("state", "grad", "x", "y"):
+        torch.testing.assert_close(getattr(tr, field)[:k * t], getattr(shallow, field), msg=field)
+    episodes = learner.family.sample(deep.train.seed, tasks, num_batches=2 * k)
+    torch.testing.assert_close(tr.x[k * t:], episodes.x[:, k:].transpose(0, 1).flatten(0, 1))
+    with torch.no_grad():
+        states = list(refined_states(learner.model, episodes, 2 * k - 1))
+    torch.testing.assert_close(tr.state, torch.cat(states))
+    assert not torch.equal(states[k], states[k - 1])
+    stats = learner.learn(tr).read()
+    assert len(stats.step_errors) == len(stats.step_losses) == 2 * k
+    assert len(learner.heldout_errors()) == 2 * k
+    assert one_step_config(deep).train.horizon == 1
 
 
 def test_resume_is_exact(tiny_cfg, tmp_path):

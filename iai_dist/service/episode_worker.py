@@ -19,6 +19,7 @@ import torch
 
 from iai_dist.compiling import compiled
 from iai_dist.config import validate
+from iai_dist.experience import training_episodes
 from iai_dist.refiner import IterativeModel
 from iai_dist.rollout import Transitions, make_transitions, rolled_out
 from iai_dist.tasks import build_family
@@ -42,7 +43,7 @@ class EpisodeWorker:
     def __init__(self, cfg_data: dict, index: int, board_name: str, use_gpu: bool):
         cfg = validate(cfg_data, "episode worker config")
         # by name, not handle: constructor arguments stay inline, so a restart never depends on the caller
-        self.index, self.board, self.seed = index, ray.get_actor(board_name), cfg.train.seed
+        self.index, self.board, self.cfg = index, ray.get_actor(board_name), cfg
         self.device = torch.device("cuda" if use_gpu else "cpu")
         torch.manual_seed(cfg.train.seed)
         self.family = build_family(cfg.task)
@@ -56,7 +57,7 @@ class EpisodeWorker:
         """Episodes first..first+count-1 rolled out with weight version `version`; None if superseded."""
         if not self._load(generation, version):
             return None
-        episodes = self.family.sample(self.seed, torch.arange(first, first + count), device=self.device)
+        episodes = training_episodes(self.family, self.cfg, first, count, self.device)
         transitions = make_transitions(self.model, episodes, version=version, first_episode=first, roll=self.roll)
         self.batches += 1
         return transitions.to("cpu")
