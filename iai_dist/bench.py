@@ -106,8 +106,8 @@ def train_for(cfg: ExperimentConfig, minutes: float, label: str) -> tuple[Learne
     """Train for a wall-clock budget. The number of learner steps is fixed up front from the measured
     step time, so warmup and cosine decay run their full course within the budget."""
     probe = Learner(cfg.with_overrides({"train.log_every": 10**9, "train.max_steps": 10**9, "eval.monitor_episodes": 0}))
-    steps_in_process(probe, 1)
-    t0, n = time.perf_counter(), 3
+    steps_in_process(probe, 2)  # the first steps allocate and pick kernels: slower than the rest
+    t0, n = time.perf_counter(), 4
     steps_in_process(probe, n)
     per_step = (time.perf_counter() - t0) / n
     steps = max(10, int(minutes * 60 / per_step))
