@@ -8,11 +8,11 @@ import torch
 
 from iai_dist import checkpoint
 from iai_dist.checkpoint import CheckpointError, read_checkpoint
+from iai_dist.evaluate import one_step_config
 from iai_dist.experience import EpisodeStream, LocalRollouts
 from iai_dist.learner import Learner, TrainingDiverged, lr_multiplier, param_groups, train_in_process
 from iai_dist.objective import greedy_terms
 from iai_dist.regimes.explicit import auto_decode
-from iai_dist.evaluate import one_step_config
 from iai_dist.rollout import make_transitions, refine, refined_states
 
 
