@@ -25,6 +25,7 @@ service/bench.py; this module parses for all.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import platform
 import sys
@@ -35,6 +36,7 @@ import torch
 
 from iai_dist import baselines
 from iai_dist.config import ExperimentConfig, load_config
+from iai_dist.devices import resolve_device
 from iai_dist.evaluate import evaluate, format_table, one_step_config
 from iai_dist.experience import EpisodeStream, LocalRollouts
 from iai_dist.learner import FileSink, Learner, train_in_process, train_loop
@@ -102,15 +104,35 @@ def steps_in_process(learner: Learner, n: int) -> None:
     train_loop(learner, source, FileSink(None), stop_at=learner.step + n, progress=False)
 
 
+def learner_rate(cfg: ExperimentConfig, device: torch.device, warmup: int, steps: int
+                 ) -> tuple[float, float | None, float]:
+    """Learner steps/s of the in-process path after `warmup` steps, the peak GPU memory (MiB) of those steps on
+    CUDA (None elsewhere: a CPU process's peak RSS does not come down between settings) and the warmup's
+    seconds (where train.compile compiles). No held-out monitoring: the timed steps are learner steps only."""
+    torch._dynamo.reset()  # compile afresh: static shapes for this setting, no CUDA-graph pools of the last one
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    learner = Learner(cfg.with_overrides({"train.max_steps": 10**9, "train.log_every": 10**9,
+                                          "eval.monitor_episodes": 0}), device)
+    t0 = time.perf_counter()
+    steps_in_process(learner, warmup)
+    sync_device(device)
+    warmup_s = time.perf_counter() - t0
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    steps_in_process(learner, steps)
+    sync_device(device)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return steps / (time.perf_counter() - t0), peak, warmup_s
+
+
 def train_for(cfg: ExperimentConfig, minutes: float, label: str) -> tuple[Learner, float]:
     """Train for a wall-clock budget. The number of learner steps is fixed up front from the measured
     step time, so warmup and cosine decay run their full course within the budget."""
-    probe = Learner(cfg.with_overrides({"train.log_every": 10**9, "train.max_steps": 10**9, "eval.monitor_episodes": 0}))
-    steps_in_process(probe, 2)  # the first steps allocate and pick kernels: slower than the rest
-    t0, n = time.perf_counter(), 4
-    steps_in_process(probe, n)
-    per_step = (time.perf_counter() - t0) / n
-    steps = max(10, int(minutes * 60 / per_step))
+    rate = learner_rate(cfg, resolve_device(cfg.train.device), warmup=2, steps=4)[0]  # the first steps are slower
+    steps = max(10, int(minutes * 60 * rate))
     cfg = cfg.with_overrides({"train.max_steps": steps, "train.warmup_steps": min(cfg.train.warmup_steps, steps // 10),
                               "train.log_every": max(1, steps // 10)})
     start = time.perf_counter()

@@ -3,7 +3,6 @@ with --baseline, this tree against another revision side by side in alternating 
 
 from __future__ import annotations
 
-import gc
 import json
 import os
 import shutil
@@ -11,39 +10,13 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
 
-from iai_dist.bench import SETTINGS, steps_in_process, sync_device, write
-from iai_dist.config import ExperimentConfig, load_config
+from iai_dist.bench import SETTINGS, learner_rate, write
+from iai_dist.config import load_config
 from iai_dist.devices import resolve_device, uses_bf16
-from iai_dist.learner import Learner
-
-
-def learner_rate(cfg: ExperimentConfig, device: torch.device, warmup: int, steps: int
-                 ) -> tuple[float, float | None, float]:
-    """Learner steps/s of the in-process path after `warmup` steps, the peak GPU memory (MiB) of those steps on
-    CUDA (None elsewhere: a CPU process's peak RSS does not come down between settings) and the warmup's
-    seconds (where train.compile compiles). No held-out monitoring: the timed steps are learner steps only."""
-    torch._dynamo.reset()  # compile afresh: static shapes for this setting, no CUDA-graph pools of the last one
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-    learner = Learner(cfg.with_overrides({"train.max_steps": 10**9, "train.log_every": 10**9,
-                                          "eval.monitor_episodes": 0}), device)
-    t0 = time.perf_counter()
-    steps_in_process(learner, warmup)
-    sync_device(device)
-    warmup_s = time.perf_counter() - t0
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = time.perf_counter()
-    steps_in_process(learner, steps)
-    sync_device(device)
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
-    return steps / (time.perf_counter() - t0), peak, warmup_s
 
 
 def learner(args) -> None:

@@ -135,10 +135,8 @@ class TrainConfig(_Section):
     # every `unroll` steps (1: the greedy objective; >= task.steps: through the whole episode). Costs a
     # learner step's activations x unroll in memory and runs the K steps one after another.
     unroll: PositiveInt = 1
-    # Roll out and learn from horizon x K refinement steps, on fresh mini-batches past K (steps past K reuse the
-    # last step embedding, as evaluation past K does). 1 trains on the K steps that evaluation's step K scores;
-    # more teaches the refiner to go on improving past K, where one trained on K steps degrades, at horizon x
-    # the transitions (rows) per learner step.
+    # Roll out and learn from horizon x K refinement steps on fresh mini-batches (past K on the last step
+    # embedding, as evaluation past K): > 1 teaches the refiner to go on improving past K, at horizon x the rows.
     horizon: PositiveInt = 1
     seed: int = Field(0, ge=0)  # model init and the training episodes' seed
     device: str = "auto"  # auto | cpu | cuda | cuda:N
@@ -146,9 +144,8 @@ class TrainConfig(_Section):
     # backward, and the rollout, one graph each) | graphs (step under CUDA graphs). Worth it on a GPU; on a small CPU
     # compiling takes minutes. Configs and checkpoints from before the modes said true (refiner) or false (off).
     compile: Literal["off", "refiner", "step", "graphs"] = "off"
-    # The refiner's Transformer under bfloat16 autocast (states, f, gradients and losses stay fp32).
-    # auto: bf16 where the device runs it natively (a CUDA GPU with bf16; a CPU with AMX or AVX512-BF16),
-    # fp32 elsewhere: on an AMD EPYC without them a linreg-paper learner step was 17x slower in bf16.
+    # The refiner's Transformer under bfloat16 autocast (states, f, gradients, losses stay fp32). auto: bf16 where
+    # native (a CUDA GPU with bf16; a CPU with AMX or AVX512-BF16: 1.7x faster there, 17x slower without), else fp32.
     autocast: Literal["auto", "off", "bf16"] = "auto"
     # Stop with an error after this many skipped non-finite steps in a row (the count lives on the device and is
     # read every this many steps and at log steps, so a GPU step never waits to learn whether it was finite).

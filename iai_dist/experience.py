@@ -17,12 +17,17 @@ from iai_dist.rollout import Transitions, make_transitions
 from iai_dist.tasks import Episode, TaskFamily
 
 
+def rollout_steps(cfg: ExperimentConfig) -> int:
+    """The refinement steps training rolls out and learns from per episode: train.horizon x K."""
+    return cfg.train.horizon * cfg.task.steps
+
+
 def training_episodes(family: TaskFamily, cfg: ExperimentConfig, first: int, count: int,
                       device: torch.device | str) -> Episode:
-    """Episodes first..first+count-1 of the training stream (train.seed), train.horizon x K mini-batches each:
+    """Episodes first..first+count-1 of the training stream (train.seed), one mini-batch per rollout step:
     what the in-process learner and an episode worker roll out alike."""
-    return family.sample(cfg.train.seed, torch.arange(first, first + count),
-                         num_batches=cfg.train.horizon * cfg.task.steps, device=device)
+    return family.sample(cfg.train.seed, torch.arange(first, first + count), num_batches=rollout_steps(cfg),
+                         device=device)
 
 
 class EpisodeStream:

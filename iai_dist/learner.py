@@ -24,7 +24,7 @@ from iai_dist import checkpoint
 from iai_dist.compiling import compiled
 from iai_dist.config import ExperimentConfig, TrainConfig
 from iai_dist.devices import precision_line, resolve_device
-from iai_dist.experience import EpisodeStream, ExperienceSource, LocalRollouts
+from iai_dist.experience import EpisodeStream, ExperienceSource, LocalRollouts, rollout_steps
 from iai_dist.objective import GreedyObjective, greedy_backward, world_size
 from iai_dist.refiner import IterativeModel
 from iai_dist.regimes.explicit import PRETRAIN_TASKS
@@ -201,7 +201,7 @@ class Learner:
             return []
         if self._heldout is None:
             self._heldout = self.family.sample(self.cfg.eval.seed + 2, torch.arange(n), device=self.device, split="test",
-                                               num_batches=self.cfg.train.horizon * self.cfg.task.steps)
+                                               num_batches=rollout_steps(self.cfg))
         self.model.eval()
         terms = torch.stack(refine(self.model, self._heldout)[1:]).sum(-1)  # [horizon x K, 2]
         return (100.0 * terms[:, 0] / terms[:, 1]).tolist()
