@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib
 import json
 import sys
 import time
@@ -31,6 +32,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="dotted override, repeatable: --set train.lr=3e-4 --set task.dim=8")
     return parser.parse_args(argv)
+
+
+# what the service path imports after Ray connects (see service_session)
+DRIVER_MODULES = ("iai_dist.service.runtime", "iai_dist.service.fit", "iai_dist.service.evaluation")
 
 
 def fit_in_process(cfg: ExperimentConfig, out_dir: Path, tracker: Tracker, label: str, prefix: str,
@@ -90,6 +95,12 @@ def service_session(cfg: ExperimentConfig):
     """Ray for the service path (joined or embedded, see service.runtime); nothing for the in-process one."""
     if not cfg.distributed.num_workers:
         return contextlib.nullcontext()
+    # The driver imports what it needs from the job's working dir before Ray connects. Two raylets of one machine
+    # that share a temp dir (`ray start` twice without --temp-dir) share the unpacked working dir, and each
+    # node's runtime-env agent deletes and re-extracts it when the job first runs there: an import from it in
+    # that moment fails (seen: "No module named 'iai_dist.service.fit'" in 1 of 2 first jobs on such a cluster)
+    for module in DRIVER_MODULES:
+        importlib.import_module(module)
     from iai_dist.service.runtime import ray_session
 
     return ray_session(cfg)
