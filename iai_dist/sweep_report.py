@@ -23,7 +23,8 @@ class TrialRow:
     steps: int  # K
     regime: tuple[str, str]  # (kind, signal) the trial ran with
     learner_steps: int  # learner steps trained (the last report's)
-    errors: list[float]  # held-out query error % after refinement steps 1..K (may be short or empty)
+    errors: list[float]  # held-out query error % after refinement steps 1, 2, ... (evaluated: to eval.horizon x K;
+    # the monitor: to train.horizon x K; may be short or empty)
     source: str  # evaluation | held-out monitor | '' (nothing reported)
     error: str | None  # the failure, one line
     run_dir: Path
@@ -33,7 +34,7 @@ class TrialRow:
     @property
     def final(self) -> float | None:
         """Error after step K; None when the trial never got there."""
-        return self.errors[-1] if len(self.errors) == self.steps else None
+        return self.errors[self.steps - 1] if len(self.errors) >= self.steps else None
 
     @property
     def score(self) -> float | None:
@@ -68,9 +69,15 @@ def _keys(rows: list[TrialRow], but: tuple[str, ...] = ()) -> list[str]:
     return keys
 
 
+def _columns(rows: list[TrialRow]) -> list[int]:
+    """The steps tables report: 1, 2, 5, K, 2K and the last, of every trial's K and what it reports past it."""
+    return sorted({s for r in rows for s in report_steps(r.steps, max(r.steps, len(r.errors)))})
+
+
 def write_csv(rows: list[TrialRow], path: Path) -> Path:
-    """One row per trial: its values, status, K and the error after every step 1..max K (blank beyond K)."""
-    keys, max_k = _keys(rows), max((r.steps for r in rows), default=0)
+    """One row per trial: its values, status, K and the error after every step it reports (past K too; blank past
+    a trial's last)."""
+    keys, max_k = _keys(rows), max((len(r.errors) for r in rows), default=0)
     with path.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["trial", "status", *keys, "K", "learner_steps", "error_source", "error_at_K",
@@ -84,10 +91,10 @@ def write_csv(rows: list[TrialRow], path: Path) -> Path:
 
 
 def markdown_table(rows: list[TrialRow], metric: str) -> str:
-    """Columns: the swept keys, K, the error after steps 1, 2, 5 and each K the trials use, and for generative
-    families the samples' sliced W2 after step K (what the trials are then ranked by)."""
+    """Columns: the swept keys, K, the error after steps 1, 2, 5, each K the trials use and past it (2K and the
+    last evaluated), and for generative families the samples' sliced W2 after step K (what ranks them then)."""
     keys = _keys(rows, but=("task.steps",))  # it is the K column
-    columns = sorted({s for r in rows for s in report_steps(r.steps, r.steps)})
+    columns = _columns(rows)
     samples = any(r.sw2 is not None for r in rows)
     head = ["trial", "status", *[k.rsplit(".", 1)[-1] for k in keys], "K", *[f"step {s}" for s in columns],
             *(["sliced W2 at K"] if samples else [])]
@@ -116,7 +123,7 @@ def seed_table(rows: list[TrialRow], metric: str, seed_key: str = "train.seed") 
     for r in finished:
         groups[(r.steps, *((k, _fmt(v)) for k, v in r.params.items() if k != seed_key))].append(r)
     keys = _keys(finished, but=("task.steps", seed_key))
-    columns = sorted({s for r in finished for s in report_steps(r.steps, r.steps)})
+    columns = _columns(finished)
     head = [*[k.rsplit(".", 1)[-1] for k in keys], "K", "seeds", *[f"step {s}" for s in columns]]
     lines = [f"{metric}, mean +- standard deviation over seeds ({seed_key}; finished trials only)", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]

@@ -19,7 +19,7 @@ from ray import cloudpickle
 from iai_dist import tune
 from iai_dist.config import ConfigError
 from iai_dist.search_space import load_space, trial_overrides
-from iai_dist.sweep_report import TrialRow, best_trial, markdown_table, seed_table
+from iai_dist.sweep_report import TrialRow, best_trial, markdown_table, seed_table, write_csv
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the hook below runs inside the trials
 
@@ -181,12 +181,12 @@ def test_tiny_sweep_lands_as_nested_runs_with_a_summary_and_survives_a_failing_t
     for key in (("parametric", "obs"), ("parametric", "obs+grad")):
         row = by_signal[key]
         assert row["status"] == "finished" and row["error_source"] == "evaluation"
-        errors = [float(row[f"error_step_{i}"]) for i in (1, 2, 3)]  # tiny: K = 3
-        assert float(row["error_at_K"]) == errors[-1]
+        errors = [float(row[f"error_step_{i}"]) for i in range(1, 7)]  # tiny: K = 3, evaluated to 2K
+        assert float(row["error_at_K"]) == errors[2]
         if key[1] == "obs+grad":  # 20 learner steps: gradients refine; observations alone barely move (~99.8%)
             assert errors[2] < errors[1] < errors[0] < 90
         summary = json.loads((sweep["dir"] / "trials" / row["trial"] / "summary.json").read_text())
-        assert summary["per_step"]["refiner"][1:4] == pytest.approx(errors)
+        assert summary["per_step"]["refiner"][1:] == pytest.approx(errors)
 
     parent, children = _runs(sweep)
     client = sweep["client"]
@@ -211,7 +211,7 @@ def test_tiny_sweep_lands_as_nested_runs_with_a_summary_and_survives_a_failing_t
     best_row = min(finished, key=lambda r: float(r["error_at_K"]))
     assert client.get_model_version("tiny-best", "1").run_id == best_row["mlflow_run_id"]  # --register
     table = (sweep["dir"] / "summary.md").read_text()
-    assert "| trial | status | kind | signal | K | step 1 | step 2 | step 3 |" in table
+    assert "| trial | status | kind | signal | K | step 1 | step 2 | step 3 | step 6 |" in table  # and past K
 
 
 def test_mlflow_ui_shows_the_sweep_and_a_child_metric_chart(sweep, tmp_path):
@@ -338,6 +338,24 @@ def test_a_sweep_over_seeds_reports_mean_and_spread_per_setting():
     longer = [TrialRow(f"k{seed}", "finished", {"task.steps": 5, "train.seed": seed}, 5, ("parametric", "obs"), 10,
                        [50.0, 20.0, 10.0, 5.0, 1.0 + seed], "evaluation", None, Path("."), None) for seed in (0, 1)]
     assert "| 5 | 2 | 50.0 +- 0 | 20.0 +- 0 | 1.5 +- 0.707 |" in seed_table(longer + rows, "error %")  # K=2 rows: no step 5
+
+
+def test_tables_go_past_k_and_rank_by_the_error_after_step_k(tmp_path):
+    """Trials evaluated past K (eval.horizon) or trained past it (train.horizon, the monitor) report those steps
+    in the table and the CSV; they are still ranked by the error after step K."""
+    def row(trial, horizon, errors):
+        return TrialRow(trial, "finished", {"train.horizon": horizon}, 2, ("parametric", "obs"), 10, errors,
+                        "evaluation", None, Path("."), None)
+
+    rows = [row("b", 2, [55.0, 5.0, 2.0, 1.0]), row("a", 1, [50.0, 4.0, 9.0, 30.0]), row("c", 1, [60.0])]
+    assert [r.final for r in rows] == [5.0, 4.0, None] and best_trial(rows).trial == "a"
+    lines = [line for line in markdown_table(rows, "error %").splitlines() if line.startswith("| ")]
+    assert lines[0] == "| trial | status | horizon | K | step 1 | step 2 | step 4 |"
+    assert lines[1:] == ["| a | finished | 1 | 2 | 50.0 | 4 | 30.0 |", "| b | finished | 2 | 2 | 55.0 | 5 | 1 |",
+                         "| c | finished | 1 | 2 | 60.0 |  |  |"]
+    written = list(csv.DictReader(write_csv(rows, tmp_path / "summary.csv").open()))
+    assert [(r["trial"], r["error_at_K"], r["error_step_4"]) for r in written] == [
+        ("a", "4.0", "30.0"), ("b", "5.0", "1.0"), ("c", "", "")]
 
 
 def test_generative_trials_are_ranked_by_their_samples_sliced_w2():

@@ -241,13 +241,14 @@ def _row(result, ended: dict[str, str], sweep_dir: Path, base: ExperimentConfig)
     sw2 = None
     if status == "finished" and summary_file.exists():
         summary = json.loads(summary_file.read_text())
-        errors = summary["per_step"]["refiner"][1:cfg.task.steps + 1]
+        errors = summary["per_step"]["refiner"][1:]  # steps 1..eval.horizon x K
         source = "evaluation"
         if "generative" in summary:
             sw2 = summary["generative"]["sets"]["test"]["sw2"]["refiner"].get(str(cfg.task.steps))
     else:
-        errors = [metrics[f"train/heldout_error/step_{i}"] for i in range(1, cfg.task.steps + 1)
-                  if f"train/heldout_error/step_{i}" in metrics]
+        errors = []  # steps 1..train.horizon x K
+        while f"train/heldout_error/step_{len(errors) + 1}" in metrics:
+            errors.append(metrics[f"train/heldout_error/step_{len(errors) + 1}"])
         source = "held-out monitor" if errors else ""
     run_id_file = run_dir / "mlflow_run_id"
     return TrialRow(
