@@ -73,6 +73,9 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
     # trained past K: 2K-step rollouts on fresh mini-batches (train.horizon = 2)
     "linreg-paper/parametric/obs+grad+horizon2": ("linreg-paper", ["train.horizon=2"]),
     "mlpreg/parametric/obs+grad+horizon2": ("mlpreg", ["train.horizon=2"]),
+    # a curriculum: K-step rollouts for the first 3/4 of the learner steps, 2K after
+    "linreg-paper/parametric/obs+grad+late-horizon2": ("linreg-paper", ["train.horizon=2", "train.horizon_from=0.75"]),
+    "mlpreg/parametric/obs+grad+late-horizon2": ("mlpreg", ["train.horizon=2", "train.horizon_from=0.75"]),
     # learned memory slots (regime.memory=learned), which only the unrolled objective can teach
     "linreg-paper/parametric/obs+grad+unroll+learned": ("linreg-paper", ["train.unroll=10", "regime.memory=learned"]),
     "mlpreg/parametric/obs+grad+unroll+learned": ("mlpreg", ["train.unroll=10", "regime.memory=learned"]),
@@ -131,8 +134,12 @@ def learner_rate(cfg: ExperimentConfig, device: torch.device, warmup: int, steps
 def train_for(cfg: ExperimentConfig, minutes: float, label: str) -> tuple[Learner, float]:
     """Train for a wall-clock budget. The number of learner steps is fixed up front from the measured
     step time, so warmup and cosine decay run their full course within the budget."""
-    rate = learner_rate(cfg, resolve_device(cfg.train.device), warmup=2, steps=4)[0]  # the first steps are slower
-    steps = max(10, int(minutes * 60 * rate))
+    device, late = resolve_device(cfg.train.device), cfg.train.horizon_from
+    seconds_per_step = 1 / learner_rate(cfg.with_overrides({"train.horizon_from": 0}), device, warmup=2, steps=4)[0]
+    if late:  # a curriculum: its first steps roll out K steps only, at their own rate
+        k_only = cfg.with_overrides({"train.horizon_from": 0, "train.horizon": 1})
+        seconds_per_step = late / learner_rate(k_only, device, warmup=2, steps=4)[0] + (1 - late) * seconds_per_step
+    steps = max(10, int(minutes * 60 / seconds_per_step))
     cfg = cfg.with_overrides({"train.max_steps": steps, "train.warmup_steps": min(cfg.train.warmup_steps, steps // 10),
                               "train.log_every": max(1, steps // 10)})
     start = time.perf_counter()

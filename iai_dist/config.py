@@ -1,14 +1,12 @@
 """Typed, frozen experiment configuration.
 
-One `ExperimentConfig` describes a whole run. It is built from a YAML preset shipped in
-`iai_dist/presets/`, or a user's YAML file, plus dotted command-line overrides
-(`--set train.lr=3e-4`). Every check happens here, before any work starts, and a failure is a
-`ConfigError` with one readable line that names the field and what is allowed.
+One `ExperimentConfig` describes a whole run. It is built from a YAML preset shipped in `iai_dist/presets/`, or
+a user's YAML file, plus dotted command-line overrides (`--set train.lr=3e-4`). Every check happens here, before
+any work starts, and a failure is a `ConfigError` with one readable line that names the field and what is allowed.
 """
 
 from __future__ import annotations
 
-import copy
 import types
 import typing
 import warnings
@@ -20,7 +18,7 @@ import yaml
 from pydantic import BaseModel, Field, PositiveInt, ValidationError, field_validator, model_validator
 
 from iai_dist.family_config import EmbeddingsConfig, GenerativeConfig, ImageConfig, Section as _Section
-from iai_dist.yaml_text import ConfigError, load_yaml, read_yaml  # ConfigError: every config check's error
+from iai_dist.yaml_text import ConfigError, layered, load_yaml, read_yaml  # ConfigError: every config check's error
 
 PRESET_PACKAGE = "iai_dist.presets"
 
@@ -138,6 +136,7 @@ class TrainConfig(_Section):
     # Roll out and learn from horizon x K refinement steps on fresh mini-batches (past K on the last step
     # embedding, as evaluation past K): > 1 teaches the refiner to go on improving past K, at horizon x the rows.
     horizon: PositiveInt = 1
+    horizon_from: float = Field(0.0, ge=0, lt=1)  # a curriculum: steps before horizon_from x max_steps roll out K
     seed: int = Field(0, ge=0)  # model init and the training episodes' seed
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # torch.compile (iai_dist/compiling.py): off | refiner (its Transformer only) | step (the whole greedy forward and
@@ -247,6 +246,8 @@ class ExperimentConfig(_Section):
         if self.regime.memory == "observations" and self.task.dim > 128:
             raise ValueError(f"regime.memory 'observations' keeps (d + 1)^2 statistics per task: task.dim {self.task.dim} "
                              "is over 128; use memory 'moments' or a smaller d")
+        if self.train.horizon_from and self.train.horizon == 1:
+            raise ValueError("train.horizon_from: a curriculum into a horizon past K; set train.horizon >= 2 (it is 1)")
         if self.regime.memory == "learned" and self.train.unroll < 2:
             raise ValueError("regime.memory 'learned': the refiner writes the memory slots, and only a loss that reaches "
                              "back through a step teaches it what to write; set train.unroll >= 2 (it is 1)")
@@ -362,23 +363,13 @@ def load_config(
         if not path.is_file():
             raise ConfigError(f"config file {str(path)!r} does not exist")
         user = read_yaml(path.read_text(), str(path))
-        data = _merge(data, user)
+        data = layered(data, user)
         source = str(path)
     validate(data, source)
     parsed = [parse_override(item) for item in overrides]
     for key, value in parsed:
         _set_dotted(data, key, value)
     return validate(data, "--set" if parsed else source)
-
-
-def _merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
-    out = copy.deepcopy(base)
-    for key, value in top.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
 
 
 def flatten(cfg: BaseModel | dict[str, Any]) -> dict[str, Any]:

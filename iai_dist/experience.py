@@ -17,17 +17,22 @@ from iai_dist.rollout import Transitions, make_transitions
 from iai_dist.tasks import Episode, TaskFamily
 
 
-def rollout_steps(cfg: ExperimentConfig) -> int:
-    """The refinement steps training rolls out and learns from per episode: train.horizon x K."""
-    return cfg.train.horizon * cfg.task.steps
+def rollout_steps(cfg: ExperimentConfig, step: int | None = None) -> int:
+    """The refinement steps training rolls out and learns from per episode at learner step `step`: train.horizon
+    x K, or K before the curriculum's horizon_from x max_steps; without a step, the horizon's. A function of the
+    step (and max_steps, as the lr schedule), so a resumed or redone step rolls out what it did the first time."""
+    tc = cfg.train
+    before = step is not None and step < tc.horizon_from * tc.max_steps
+    return cfg.task.steps * (1 if before else tc.horizon)
 
 
 def training_episodes(family: TaskFamily, cfg: ExperimentConfig, first: int, count: int,
                       device: torch.device | str) -> Episode:
-    """Episodes first..first+count-1 of the training stream (train.seed), one mini-batch per rollout step:
-    what the in-process learner and an episode worker roll out alike."""
-    return family.sample(cfg.train.seed, torch.arange(first, first + count), num_batches=rollout_steps(cfg),
-                         device=device)
+    """Episodes first..first+count-1 of the training stream (train.seed), one mini-batch per rollout step of
+    their learner step (EpisodeStream: episode i belongs to step i // tasks_per_batch): what the in-process
+    learner and an episode worker roll out alike."""
+    steps = rollout_steps(cfg, first // cfg.train.tasks_per_batch)
+    return family.sample(cfg.train.seed, torch.arange(first, first + count), num_batches=steps, device=device)
 
 
 class EpisodeStream:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from typing import Any
 
@@ -41,3 +42,11 @@ def read_yaml(text: str, source: str) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: expected a mapping of sections (task, regime, ...), got {type(data).__name__}")
     return data
+
+
+def layered(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """`top`'s mappings on `base`'s, section by section: a user's file changes only the fields it names."""
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        out[key] = layered(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out

@@ -52,6 +52,8 @@ BAD = [
     (["--set", "train.compile=yes"], "train.compile: Input should be 'off', 'refiner', 'step' or 'graphs' (got 'yes')"),
     (["--set", "distributed.num_workers=2", "--set", "distributed.episode_workers=2", "--set", "train.compile=graphs"],
      "train.compile 'graphs': CUDA graphs cannot hold DDP's gradient all-reduce"),
+    (["--set", "train.horizon_from=0.5"], "train.horizon_from: a curriculum into a horizon past K; set train.horizon >= 2"),
+    (["--set", "train.horizon=2", "--set", "train.horizon_from=1"], "train.horizon_from: Input should be less than 1"),
     (["--set", "train.lr"], "expected KEY=VALUE"),
     (["--config", "missing.yaml"], "config file 'missing.yaml' does not exist"),
 ]

@@ -47,6 +47,27 @@ def test_horizon_rolls_out_past_k_on_fresh_minibatches_and_learns_from_every_ste
     assert len(stats.step_errors) == len(stats.step_losses) == 2 * k
     assert len(learner.heldout_errors()) == 2 * k
     assert one_step_config(deep).train.horizon == 1
+    assert one_step_config(deep.with_overrides({"train.horizon_from": 0.5})).train.horizon_from == 0
+
+
+def test_a_horizon_curriculum_rolls_out_k_steps_first_and_a_resume_keeps_its_phases(tiny_cfg, tmp_path):
+    """train.horizon_from=0.5: the learner steps before max_steps / 2 roll out K steps, the later ones 2K. The
+    phase is a function of the step: a run stopped in the K-step phase and resumed crosses over where an
+    unbroken run does, and ends with the same model."""
+    k = tiny_cfg.task.steps
+    cfg = tiny_cfg.with_overrides({"train.horizon": 2, "train.horizon_from": 0.5, "train.max_steps": 8,
+                                   "train.checkpoint_every": 100})
+    source = LocalRollouts(Learner(cfg), EpisodeStream(cfg.train.tasks_per_batch))
+    assert [source.next(step)[0].num_steps for step in (0, 3, 4, 7)] == [k, k, 2 * k, 2 * k]
+    straight, _ = quiet_train(cfg, tmp_path / "a.pt")
+    quiet_train(cfg, tmp_path / "b.pt", stop_at=3)
+    resumed, _ = quiet_train(cfg, tmp_path / "b.pt")
+    assert len(resumed.heldout_errors()) == 2 * k  # the monitor follows the horizon from the start
+    for (name, a), (_, b) in zip(straight.model.state_dict().items(), resumed.model.state_dict().items()):
+        assert torch.equal(a, b), name
+    # 2K steps from the start ends elsewhere: the curriculum changed what was learned
+    always, _ = quiet_train(cfg.with_overrides({"train.horizon_from": 0}), tmp_path / "c.pt")
+    assert any(not torch.equal(a, b) for a, b in zip(always.model.parameters(), straight.model.parameters()))
 
 
 def test_resume_is_exact(tiny_cfg, tmp_path):

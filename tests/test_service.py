@@ -104,10 +104,10 @@ def test_ray_training_is_exact_across_a_learner_failure_and_resumes_with_more_wo
 
 def test_synchronous_ray_training_follows_the_in_process_trajectory(ray_local, tiny_cfg, tmp_path):
     """With staleness 0 every batch is rolled out with the learner's current weights, as in process: the same
-    loop over the same episodes gives the same model (up to float rounding in other processes). With
-    train.horizon=2, so the episode workers roll out 2K steps as the in-process learner does."""
+    loop over the same episodes gives the same model (up to float rounding in other processes). With a horizon
+    curriculum (K steps for learner steps 0-5, 2K after), which the episode workers follow as the learner does."""
     cfg = tiny_cfg.with_overrides({**SERVICE, "train.max_steps": 12, "train.log_every": 6, "train.checkpoint_every": 6,
-                                   "train.horizon": 2})
+                                   "train.horizon": 2, "train.horizon_from": 0.5})
     local, _ = train_in_process(cfg, None, progress=False)
     on_ray = fit(cfg.with_overrides({"distributed.num_workers": 1, "distributed.episode_workers": 1,
                                      "distributed.staleness": 0}), tmp_path / "sync")
