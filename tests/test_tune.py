@@ -211,7 +211,7 @@ def test_tiny_sweep_lands_as_nested_runs_with_a_summary_and_survives_a_failing_t
     best_row = min(finished, key=lambda r: float(r["error_at_K"]))
     assert client.get_model_version("tiny-best", "1").run_id == best_row["mlflow_run_id"]  # --register
     table = (sweep["dir"] / "summary.md").read_text()
-    assert "| trial | status | kind | signal | K | step 1 | step 2 | step 3 | step 6 |" in table  # and past K
+    assert "| trial | status | kind | signal | K | step 1 | step 2 | step 3 | step 5 | step 6 |" in table  # and past K
 
 
 def test_mlflow_ui_shows_the_sweep_and_a_child_metric_chart(sweep, tmp_path):
