@@ -102,28 +102,33 @@ def test_paths_other_machines_cannot_reach_are_refused_before_any_work(cluster, 
 @pytest.fixture(scope="module")
 def faulted(cluster, tracking_server, tmp_path_factory):
     """The main job, logging to the MLflow server, with an episode worker, the weight board and a learner killed
-    by PID at seeded random learner steps (as seen in the job's log)."""
+    by PID at seeded random learner steps (as seen in the job's log), one at a time: each once the job has
+    logged that step after the fault before (the log trails the learner by seconds, so faults due at nearby
+    steps would otherwise land in one instant and one recovery)."""
     runs = tmp_path_factory.mktemp("runs")
     rng = random.Random(7)
     plan = dict(zip(sorted(rng.sample(range(4, STEPS // 3), 3)), rng.sample(["episode worker", "weight board", "learner"], 3)))
     submitted = train_job(cluster, runs, tracking_server, "--set", "tracking.run_name=chaos", wait=False)
     job = re.search(r"raysubmit_\w+", submitted.stdout).group(0)
-    client, done, actors = cluster.jobs(), [], []
+    client, done, actors, since = cluster.jobs(), [], [], 0
     deadline = time.monotonic() + 600
     while client.get_job_status(job).is_terminal() is False and time.monotonic() < deadline:
-        steps = [int(m) for m in re.findall(r"\[refiner\] step +(\d+)/", client.get_job_logs(job))]
+        logs = client.get_job_logs(job)
+        steps = [int(m) for m in re.findall(r"\[refiner\] step +(\d+)/", logs[since:])]  # since the last fault
         if steps and not actors:
             # listed once (a listing takes seconds): each kind is killed once, so its PID from here is the one to
             # kill; kill_actor lists again if it has gone (Ray restarting it after an earlier fault)
             actors = cluster.actors()
-        for step in [s for s in plan if s not in done and steps and max(steps) >= s]:
+        due = [s for s in plan if s not in done and steps and max(steps) >= s]
+        if due:
             try:
-                killed = kill_actor(cluster, plan[step], actors)
+                killed = kill_actor(cluster, plan[due[0]], actors)
             except RuntimeError:  # none alive this instant: try again
                 actors = []
                 continue
-            done.append(step)
-            print(f"step {max(steps)}: killed the {plan[step]} (pid {killed})")
+            done.append(due[0])
+            since = len(logs)
+            print(f"step {max(steps)}: killed the {plan[due[0]]} (pid {killed})")
         time.sleep(0.3)
     return {"status": client.get_job_status(job), "logs": client.get_job_logs(job), "plan": plan, "done": done,
             "run_dir": runs / "chaos"}
