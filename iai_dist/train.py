@@ -98,7 +98,7 @@ def service_session(cfg: ExperimentConfig):
     # The driver imports what it needs from the job's working dir before Ray connects. Two raylets of one machine
     # that share a temp dir (`ray start` twice without --temp-dir) share the unpacked working dir, and each
     # node's runtime-env agent deletes and re-extracts it when the job first runs there: an import from it in
-    # that moment fails (seen: "No module named 'iai_dist.service.fit'" in 1 of 2 first jobs on such a cluster)
+    # that moment fails (seen: "No module named 'iai_dist.service.fit'" in 2 of 6 first jobs on such a cluster)
     for module in DRIVER_MODULES:
         importlib.import_module(module)
     from iai_dist.service.runtime import ray_session
