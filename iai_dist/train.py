@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import sys
 import time
@@ -32,10 +31,6 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="dotted override, repeatable: --set train.lr=3e-4 --set task.dim=8")
     return parser.parse_args(argv)
-
-
-# what the service path imports after Ray connects (see service_session)
-DRIVER_MODULES = ("iai_dist.service.runtime", "iai_dist.service.fit", "iai_dist.service.evaluation")
 
 
 def fit_in_process(cfg: ExperimentConfig, out_dir: Path, tracker: Tracker, label: str, prefix: str,
@@ -99,8 +94,8 @@ def service_session(cfg: ExperimentConfig):
     # that share a temp dir (`ray start` twice without --temp-dir) share the unpacked working dir, and each
     # node's runtime-env agent deletes and re-extracts it when the job first runs there: an import from it in
     # that moment fails (seen: "No module named 'iai_dist.service.fit'" in 2 of 6 first jobs on such a cluster)
-    for module in DRIVER_MODULES:
-        importlib.import_module(module)
+    import iai_dist.service.evaluation  # noqa: F401  (fit_on_ray and run import from these two later)
+    import iai_dist.service.fit  # noqa: F401
     from iai_dist.service.runtime import ray_session
 
     return ray_session(cfg)
