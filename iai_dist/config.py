@@ -137,6 +137,7 @@ class TrainConfig(_Section):
     # embedding, as evaluation past K): > 1 teaches the refiner to go on improving past K, at horizon x the rows.
     horizon: PositiveInt = 1
     horizon_from: float = Field(0.0, ge=0, lt=1)  # a curriculum: steps before horizon_from x max_steps roll out K
+    horizon_weight: float = Field(1.0, gt=0, le=1)  # what each step past K weighs in the objective (steps 1..K: 1)
     seed: int = Field(0, ge=0)  # model init and the training episodes' seed
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     # torch.compile (iai_dist/compiling.py): off | refiner (its Transformer only) | step (the whole greedy forward and
@@ -248,6 +249,8 @@ class ExperimentConfig(_Section):
                              "is over 128; use memory 'moments' or a smaller d")
         if self.train.horizon_from and self.train.horizon == 1:
             raise ValueError("train.horizon_from: a curriculum into a horizon past K; set train.horizon >= 2 (it is 1)")
+        if self.train.horizon_weight != 1 and self.train.horizon == 1:
+            raise ValueError("train.horizon_weight: the weight of the steps past K; set train.horizon >= 2 (it is 1)")
         if self.regime.memory == "learned" and self.train.unroll < 2:
             raise ValueError("regime.memory 'learned': the refiner writes the memory slots, and only a loss that reaches "
                              "back through a step teaches it what to write; set train.unroll >= 2 (it is 1)")

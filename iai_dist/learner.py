@@ -78,11 +78,12 @@ def lr_multiplier(step: int, warmup: int, total: int, min_ratio: float) -> float
 
 
 def learner_step(objective: torch.nn.Module, optimizer: torch.optim.Optimizer, tr: Transitions, cfg: TrainConfig,
-                 lr: float) -> StepStats:
-    """One greedy step at learning rate `lr`. `objective` is a GreedyObjective, or one wrapped in DDP."""
+                 lr: float, k: int) -> StepStats:
+    """One greedy step at learning rate `lr` on a task of K = k steps. `objective` is a GreedyObjective, or one
+    wrapped in DDP."""
     objective.train()
     optimizer.zero_grad(set_to_none=True)
-    value, step_losses, errors = greedy_backward(objective, tr, cfg)
+    value, step_losses, errors = greedy_backward(objective, tr, cfg, k)
     # Decide on the gradient norm, not the local loss: under DDP every rank holds the same averaged
     # gradients, so all ranks skip (or take) a non-finite step together and stay in lock-step. The decision
     # stays on the device: the fused AdamW leaves parameters, moments and its step count alone where
@@ -178,7 +179,7 @@ class Learner:
         read from the device only every that many steps (and by `check_diverged` at log steps), so it stops
         at most that many steps after the run began to fail, without a sync per step."""
         stats = learner_step(self.objective, self.optimizer, tr if tr.x.device == self.device else tr.to(self.device),
-                             self.cfg.train, self.lr)
+                             self.cfg.train, self.lr, self.cfg.task.steps)
         self.step += 1
         self._skips = torch.stack([self._skips[0] + stats.skipped, (self._skips[1] + 1) * stats.skipped])
         if self.step % self.cfg.train.max_nonfinite_in_row == 0:

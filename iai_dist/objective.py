@@ -75,30 +75,34 @@ def world_size() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
-def greedy_backward(objective: torch.nn.Module, tr: Transitions, cfg: TrainConfig
+def greedy_backward(objective: torch.nn.Module, tr: Transitions, cfg: TrainConfig, k: int
                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Accumulate the greedy objective's gradient into the parameters; returns its value, the per-step mean
-    query losses [K] and query errors % [K], all over the global batch.
+    query losses [n] and query errors % [n] (n = the rollout's steps), all over the global batch.
 
     The objective is the mean over refinement steps i of L_i ('uniform') or of log L_i ('relative': every step
     counts alike, however small its loss), where L_i is the mean query loss after step i over the *global*
-    batch. Each rank all-reduces its detached per-step loss sums and counts, then differentiates its share
-    sum_i S_i^rank / C_i * w_i with w_i = 1 (uniform) or 1 / L_i held constant (relative: d log L = dL / L),
-    times the world size, since DDP averages the ranks' gradients. The N-rank gradient is then the 1-rank one.
+    batch; a step past the task's K (train.horizon > 1) weighs train.horizon_weight in that mean, steps 1..K
+    weigh 1. Each rank all-reduces its detached per-step loss sums and counts, then differentiates its share
+    sum_i S_i^rank / C_i * w_i with w_i = s_i (uniform) or s_i / L_i held constant (relative: d log L = dL / L),
+    s_i the step's weight over their sum, times the world size, since DDP averages the ranks' gradients. The
+    N-rank gradient is then the 1-rank one.
     """
     sums, terms = objective(tr)
-    k = sums.shape[0]
+    n = sums.shape[0]
     totals = torch.cat([sums.detach(), torch.full_like(sums, tr.num_tasks), terms.flatten()])
     world = world_size()
     if world > 1:
         dist.all_reduce(totals)
-    counts = totals[k:2 * k]
-    step_losses = totals[:k] / counts
+    counts = totals[n:2 * n]
+    step_losses = totals[:n] / counts
+    share = torch.ones_like(step_losses)
+    share[k:] = cfg.horizon_weight
     if cfg.step_weighting == "relative":
-        weight = 1.0 / step_losses.clamp_min(1e-12)
-        value = step_losses.clamp_min(1e-12).log().mean()
+        weight = share / step_losses.clamp_min(1e-12)
+        value = (share * step_losses.clamp_min(1e-12).log()).sum() / share.sum()
     else:
-        weight = torch.ones_like(step_losses)
-        value = step_losses.mean()
-    (world * (sums / counts * weight).sum() / k).backward()
-    return value, step_losses, 100.0 * totals[2 * k:3 * k] / totals[3 * k:].clamp_min(1e-30)
+        weight = share
+        value = (share * step_losses).sum() / share.sum()
+    (world * (sums / counts * weight).sum() / share.sum()).backward()
+    return value, step_losses, 100.0 * totals[2 * n:3 * n] / totals[3 * n:].clamp_min(1e-30)

@@ -54,6 +54,7 @@ BAD = [
      "train.compile 'graphs': CUDA graphs cannot hold DDP's gradient all-reduce"),
     (["--set", "train.horizon_from=0.5"], "train.horizon_from: a curriculum into a horizon past K; set train.horizon >= 2"),
     (["--set", "train.horizon=2", "--set", "train.horizon_from=1"], "train.horizon_from: Input should be less than 1"),
+    (["--set", "train.horizon_weight=0.5"], "train.horizon_weight: the weight of the steps past K; set train.horizon >= 2"),
     (["--set", "train.lr"], "expected KEY=VALUE"),
     (["--config", "missing.yaml"], "config file 'missing.yaml' does not exist"),
 ]

@@ -31,7 +31,7 @@ def gradient(learner: Learner, first: int, count: int) -> list[torch.Tensor]:
     ep = learner.family.sample(0, torch.arange(first, first + count))
     tr = make_transitions(learner.model, ep, first_episode=first)
     learner.optimizer.zero_grad(set_to_none=True)
-    greedy_backward(learner.objective, tr, learner.cfg.train)
+    greedy_backward(learner.objective, tr, learner.cfg.train, learner.cfg.task.steps)
     return [p.grad.detach().clone() for p in learner.model.parameters()]
 
 

@@ -11,7 +11,7 @@ from iai_dist.checkpoint import CheckpointError, read_checkpoint
 from iai_dist.evaluate import one_step_config
 from iai_dist.experience import EpisodeStream, LocalRollouts
 from iai_dist.learner import Learner, TrainingDiverged, lr_multiplier, param_groups, train_in_process
-from iai_dist.objective import greedy_terms
+from iai_dist.objective import greedy_backward, greedy_terms
 from iai_dist.regimes.explicit import auto_decode
 from iai_dist.rollout import make_transitions, refine, refined_states
 
@@ -48,6 +48,36 @@ def test_horizon_rolls_out_past_k_on_fresh_minibatches_and_learns_from_every_ste
     assert len(learner.heldout_errors()) == 2 * k
     assert one_step_config(deep).train.horizon == 1
     assert one_step_config(deep.with_overrides({"train.horizon_from": 0.5})).train.horizon_from == 0
+
+
+@pytest.mark.parametrize("weighting", ["relative", "uniform"])
+def test_steps_past_k_weigh_horizon_weight_in_the_objective(tiny_cfg, weighting):
+    """train.horizon_weight=w: the objective is the mean over the 2K steps with weight 1 for steps 1..K and w
+    after, as written out by hand here; w=1 is the plain mean, which has another gradient."""
+    k, w = tiny_cfg.task.steps, 0.25
+    cfg = tiny_cfg.with_overrides({"train.horizon": 2, "train.horizon_weight": w, "train.step_weighting": weighting,
+                                   "train.autocast": "off"})
+    learner = Learner(cfg)
+    torch.nn.init.normal_(learner.model.refiner.out.weight, std=0.2)  # rollouts whose steps differ
+    tr = LocalRollouts(learner, EpisodeStream(cfg.train.tasks_per_batch)).next(0)[0]
+
+    def gradient(c):
+        learner.optimizer.zero_grad(set_to_none=True)
+        value = greedy_backward(learner.objective, tr, c.train, k)[0]
+        return value, [p.grad.clone() for p in learner.model.parameters() if p.grad is not None]
+
+    value, weighted = gradient(cfg)
+    learner.optimizer.zero_grad(set_to_none=True)
+    losses = greedy_terms(learner.model, tr)[0] / tr.num_tasks
+    share = torch.tensor([1.0] * k + [w] * k)
+    by_hand = (share * (losses.log() if weighting == "relative" else losses)).sum() / share.sum()
+    by_hand.backward()
+    assert value == pytest.approx(by_hand.item(), rel=1e-5)
+    for ours, theirs in zip(weighted, [p.grad for p in learner.model.parameters() if p.grad is not None]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-7)
+    _, plain = gradient(cfg.with_overrides({"train.horizon_weight": 1.0}))
+    assert any(not torch.allclose(a, b, rtol=1e-3) for a, b in zip(plain, weighted))
+    assert one_step_config(cfg).train.horizon_weight == 1
 
 
 def test_a_horizon_curriculum_rolls_out_k_steps_first_and_a_resume_keeps_its_phases(tiny_cfg, tmp_path):
