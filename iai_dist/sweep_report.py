@@ -63,10 +63,11 @@ def best_trial(rows: list[TrialRow]) -> TrialRow | None:
 
 
 def _keys(rows: list[TrialRow], but: tuple[str, ...] = ()) -> list[str]:
+    """The swept keys in order of first appearance, the seed (the replicate, not a setting) last."""
     keys: list[str] = []
     for row in rows:
         keys += [k for k in row.params if k not in keys and k not in but]
-    return keys
+    return sorted(keys, key=lambda k: k == "train.seed")
 
 
 def _columns(rows: list[TrialRow]) -> list[int]:

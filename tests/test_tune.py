@@ -356,6 +356,11 @@ def test_tables_go_past_k_and_rank_by_the_error_after_step_k(tmp_path):
     written = list(csv.DictReader(write_csv(rows, tmp_path / "summary.csv").open()))
     assert [(r["trial"], r["error_at_K"], r["error_step_4"]) for r in written] == [
         ("a", "4.0", "30.0"), ("b", "5.0", "1.0"), ("c", "", "")]
+    # a key only later trials set (tune_spaces/horizon.yaml's horizon_from) still comes before the seed
+    seeded = [row("d", 1, [50.0, 4.0]), row("e", 2, [50.0, 4.0])]
+    seeded[0].params.update({"train.seed": 0})
+    seeded[1].params.update({"train.seed": 0, "train.horizon_from": 0.75})
+    assert "| trial | status | horizon | horizon_from | seed | K |" in markdown_table(seeded, "error %")
 
 
 def test_generative_trials_are_ranked_by_their_samples_sliced_w2():
