@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from iai_dist import baselines
-from iai_dist.config import ExperimentConfig, load_config
+from iai_dist.config import K_STEPS_ONLY, ExperimentConfig, load_config
 from iai_dist.devices import resolve_device
 from iai_dist.evaluate import evaluate, format_table, one_step_config
 from iai_dist.experience import EpisodeStream, LocalRollouts
@@ -137,7 +137,7 @@ def train_for(cfg: ExperimentConfig, minutes: float, label: str) -> tuple[Learne
     device, late = resolve_device(cfg.train.device), cfg.train.horizon_from
     seconds_per_step = 1 / learner_rate(cfg.with_overrides({"train.horizon_from": 0}), device, warmup=2, steps=4)[0]
     if late:  # a curriculum: its first steps roll out K steps only, at their own rate
-        k_only = cfg.with_overrides({"train.horizon_from": 0, "train.horizon": 1})
+        k_only = cfg.with_overrides(K_STEPS_ONLY)
         seconds_per_step = late / learner_rate(k_only, device, warmup=2, steps=4)[0] + (1 - late) * seconds_per_step
     steps = max(10, int(minutes * 60 / seconds_per_step))
     cfg = cfg.with_overrides({"train.max_steps": steps, "train.warmup_steps": min(cfg.train.warmup_steps, steps // 10),

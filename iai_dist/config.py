@@ -159,6 +159,10 @@ class TrainConfig(_Section):
         return {True: "refiner", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
+# Training on K steps only: no horizon past K, no curriculum into one, no weight for its steps.
+K_STEPS_ONLY = {"train.horizon": 1, "train.horizon_from": 0.0, "train.horizon_weight": 1.0}
+
+
 class EvalConfig(_Section):
     """Held-out evaluation against baselines on the very same episodes and mini-batches."""
 

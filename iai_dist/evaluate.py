@@ -14,7 +14,7 @@ import torch
 
 from iai_dist import baselines
 from iai_dist.checkpoint import CheckpointError, read_checkpoint
-from iai_dist.config import ConfigError, ExperimentConfig, parse_override
+from iai_dist.config import K_STEPS_ONLY, ConfigError, ExperimentConfig, parse_override
 from iai_dist.devices import resolve_device
 from iai_dist.generative import format_quality, sample_quality
 from iai_dist.refiner import IterativeModel
@@ -134,7 +134,7 @@ def evaluate_trained(cfg: ExperimentConfig, state: dict, one_step_state: dict | 
 def one_step_config(cfg: ExperimentConfig) -> ExperimentConfig:
     """The one-step (K=1) amortized model: reads all K*B context points at once, same learner steps."""
     return cfg.with_overrides({"task.steps": 1, "task.batch_size": cfg.task.steps * cfg.task.batch_size,
-                               "train.horizon": 1, "train.horizon_from": 0.0, "train.horizon_weight": 1.0})
+                               **K_STEPS_ONLY})
 
 
 def one_step_beside(checkpoint: Path) -> Path:
