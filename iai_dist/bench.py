@@ -76,6 +76,11 @@ SETTINGS: dict[str, tuple[str, list[str]]] = {
     # a curriculum: K-step rollouts for the first 3/4 of the learner steps, 2K after
     "linreg-paper/parametric/obs+grad+late-horizon2": ("linreg-paper", ["train.horizon=2", "train.horizon_from=0.75"]),
     "mlpreg/parametric/obs+grad+late-horizon2": ("mlpreg", ["train.horizon=2", "train.horizon_from=0.75"]),
+    # the curriculum with the steps past K at half weight in the objective
+    "linreg-paper/parametric/obs+grad+late-horizon2+half-weight": (
+        "linreg-paper", ["train.horizon=2", "train.horizon_from=0.75", "train.horizon_weight=0.5"]),
+    "mlpreg/parametric/obs+grad+late-horizon2+half-weight": (
+        "mlpreg", ["train.horizon=2", "train.horizon_from=0.75", "train.horizon_weight=0.5"]),
     # learned memory slots (regime.memory=learned), which only the unrolled objective can teach
     "linreg-paper/parametric/obs+grad+unroll+learned": ("linreg-paper", ["train.unroll=10", "regime.memory=learned"]),
     "mlpreg/parametric/obs+grad+unroll+learned": ("mlpreg", ["train.unroll=10", "regime.memory=learned"]),
@@ -131,15 +136,20 @@ def learner_rate(cfg: ExperimentConfig, device: torch.device, warmup: int, steps
     return steps / (time.perf_counter() - t0), peak, warmup_s
 
 
-def train_for(cfg: ExperimentConfig, minutes: float, label: str) -> tuple[Learner, float]:
-    """Train for a wall-clock budget. The number of learner steps is fixed up front from the measured
-    step time, so warmup and cosine decay run their full course within the budget."""
+def budget_steps(cfg: ExperimentConfig, minutes: float) -> int:
+    """The learner steps that fit a wall-clock budget at the measured step time."""
     device, late = resolve_device(cfg.train.device), cfg.train.horizon_from
     seconds_per_step = 1 / learner_rate(cfg.with_overrides({"train.horizon_from": 0}), device, warmup=2, steps=4)[0]
     if late:  # a curriculum: its first steps roll out K steps only, at their own rate
         k_only = cfg.with_overrides(K_STEPS_ONLY)
         seconds_per_step = late / learner_rate(k_only, device, warmup=2, steps=4)[0] + (1 - late) * seconds_per_step
-    steps = max(10, int(minutes * 60 / seconds_per_step))
+    return max(10, int(minutes * 60 / seconds_per_step))
+
+
+def train_for(cfg: ExperimentConfig, minutes: float, label: str, steps: int | None = None) -> tuple[Learner, float]:
+    """Train for a wall-clock budget, or for `steps` learner steps where given. The steps are fixed up front
+    (from the measured step time for a budget), so warmup and cosine decay run their full course."""
+    steps = budget_steps(cfg, minutes) if steps is None else steps
     cfg = cfg.with_overrides({"train.max_steps": steps, "train.warmup_steps": min(cfg.train.warmup_steps, steps // 10),
                               "train.log_every": max(1, steps // 10)})
     start = time.perf_counter()
@@ -156,11 +166,12 @@ def quality(args) -> None:
     for name in names:
         preset, overrides = SETTINGS[name]
         cfg = load_config(preset, overrides=[*overrides, *args.overrides, f"eval.episodes={args.episodes}"])
-        print(f"== {name}: training {args.minutes} min (+{args.one_step_minutes} min for the one-step model)", flush=True)
-        trainer, seconds = train_for(cfg, args.minutes, name)
+        budget = f"{args.steps} learner steps" if args.steps else f"{args.minutes} min"
+        print(f"== {name}: training {budget} (the one-step model: {args.one_step_minutes} min)", flush=True)
+        trainer, seconds = train_for(cfg, args.minutes, name, args.steps)
         one = None
         if args.one_step_minutes > 0:
-            one = train_for(one_step_config(trainer.cfg), args.one_step_minutes, name + " one-step")[0].model
+            one = train_for(one_step_config(trainer.cfg), args.one_step_minutes, name + " one-step", args.steps)[0].model
         summary = evaluate(trainer.model, trainer.cfg, one, trainer.device)
         k = cfg.task.steps
         fam = trainer.family
@@ -184,7 +195,7 @@ def quality(args) -> None:
     ref = "\n".join(f"| {k} | " + " | ".join(str(v.get(s, "")) for s in (1, 2, 5, 10)) + " |" for k, v in REFERENCE.items())
     table = ("\n\n".join(tables) + "\n\n### DESIGN.md reference (linreg-paper)\n| | step 1 | step 2 | step 5 | step 10 |\n"
              "|---|---|---|---|---|\n" + ref)
-    write(Path(args.out), "quality", {"minutes": args.minutes, "settings": results, "reference": REFERENCE}, table)
+    write(Path(args.out), "quality", {"minutes": args.minutes, "steps": args.steps, "settings": results, "reference": REFERENCE}, table)
 
 
 def sync_device(device: torch.device) -> None:
@@ -197,6 +208,9 @@ def main(argv: list[str] | None = None) -> None:
     sub = parser.add_subparsers(dest="bench", required=True)
     q = sub.add_parser("quality")
     q.add_argument("--minutes", type=float, default=2.0, help="training budget per setting (wall clock)")
+    q.add_argument("--steps", type=int, help="train every model for this many learner steps instead of --minutes: "
+                   "settings of the same step cost compared at equal steps (--one-step-minutes 0 still skips the "
+                   "one-step model)")
     q.add_argument("--one-step-minutes", type=float, default=None, help="budget of the one-step model (default: --minutes)")
     q.add_argument("--settings", default="all", help=f"comma-separated, from: {', '.join(SETTINGS)}")
     q.add_argument("--episodes", type=int, default=1024)

@@ -23,6 +23,11 @@ def test_quality_bench_writes_table_and_json(tmp_path, capsys):
     assert s["adam_steps_to_reach_refiner"]["max_steps"] == 50
     assert "| refiner |" in (tmp_path / "quality.md").read_text()
     assert "DESIGN.md reference" in capsys.readouterr().out
+    # --steps: a fixed number of learner steps instead of the budget
+    bench.main(["quality", "--steps", "7", "--one-step-minutes", "0", "--episodes", "16", "--adam-max-steps", "10",
+                "--settings", "linreg-paper/parametric/grad", "--out", str(tmp_path / "steps")])
+    data = json.loads((tmp_path / "steps" / "quality.json").read_text())
+    assert data["steps"] == 7 and data["settings"]["linreg-paper/parametric/grad"]["train"]["steps"] == 7
 
 
 def test_learner_and_scaling_benches(tmp_path, monkeypatch):
