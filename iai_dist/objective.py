@@ -84,8 +84,8 @@ def greedy_backward(objective: torch.nn.Module, tr: Transitions, cfg: TrainConfi
     counts alike, however small its loss), where L_i is the mean query loss after step i over the *global*
     batch; a step past the task's K (train.horizon > 1) weighs train.horizon_weight in that mean, steps 1..K
     weigh 1. Each rank all-reduces its detached per-step loss sums and counts, then differentiates its share
-    sum_i S_i^rank / C_i * w_i with w_i = s_i (uniform) or s_i / L_i held constant (relative: d log L = dL / L),
-    s_i the step's weight over their sum, times the world size, since DDP averages the ranks' gradients. The
+    sum_i S_i^rank / C_i * w_i / sum_i s_i with w_i = s_i (uniform) or s_i / L_i held constant (relative:
+    d log L = dL / L), s_i the step's weight, times the world size, since DDP averages the ranks' gradients. The
     N-rank gradient is then the 1-rank one.
     """
     sums, terms = objective(tr)
