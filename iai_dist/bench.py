@@ -167,7 +167,9 @@ def quality(args) -> None:
         preset, overrides = SETTINGS[name]
         cfg = load_config(preset, overrides=[*overrides, *args.overrides, f"eval.episodes={args.episodes}"])
         budget = f"{args.steps} learner steps" if args.steps else f"{args.minutes} min"
-        print(f"== {name}: training {budget} (the one-step model: {args.one_step_minutes} min)", flush=True)
+        if args.one_step_minutes > 0:
+            budget += f" (+ the one-step model: {args.steps or args.one_step_minutes} {'steps' if args.steps else 'min'})"
+        print(f"== {name}: training {budget}", flush=True)
         trainer, seconds = train_for(cfg, args.minutes, name, args.steps)
         one = None
         if args.one_step_minutes > 0:
@@ -195,7 +197,8 @@ def quality(args) -> None:
     ref = "\n".join(f"| {k} | " + " | ".join(str(v.get(s, "")) for s in (1, 2, 5, 10)) + " |" for k, v in REFERENCE.items())
     table = ("\n\n".join(tables) + "\n\n### DESIGN.md reference (linreg-paper)\n| | step 1 | step 2 | step 5 | step 10 |\n"
              "|---|---|---|---|---|\n" + ref)
-    write(Path(args.out), "quality", {"minutes": args.minutes, "steps": args.steps, "settings": results, "reference": REFERENCE}, table)
+    write(Path(args.out), "quality", {"minutes": args.minutes, "steps": args.steps, "settings": results,
+                                      "reference": REFERENCE}, table)
 
 
 def sync_device(device: torch.device) -> None:
