@@ -251,10 +251,10 @@ class ExperimentConfig(_Section):
         if self.regime.memory == "observations" and self.task.dim > 128:
             raise ValueError(f"regime.memory 'observations' keeps (d + 1)^2 statistics per task: task.dim {self.task.dim} "
                              "is over 128; use memory 'moments' or a smaller d")
-        if self.train.horizon_from and self.train.horizon == 1:
-            raise ValueError("train.horizon_from: a curriculum into a horizon past K; set train.horizon >= 2 (it is 1)")
-        if self.train.horizon_weight != 1 and self.train.horizon == 1:
-            raise ValueError("train.horizon_weight: the weight of the steps past K; set train.horizon >= 2 (it is 1)")
+        for field, what in (("horizon_from", "a curriculum into a horizon past K"),
+                            ("horizon_weight", "the weight of the steps past K")):
+            if self.train.horizon == 1 and getattr(self.train, field) != K_STEPS_ONLY[f"train.{field}"]:
+                raise ValueError(f"train.{field}: {what}; set train.horizon >= 2 (it is 1)")
         if self.regime.memory == "learned" and self.train.unroll < 2:
             raise ValueError("regime.memory 'learned': the refiner writes the memory slots, and only a loss that reaches "
                              "back through a step teaches it what to write; set train.unroll >= 2 (it is 1)")
