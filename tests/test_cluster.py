@@ -103,17 +103,24 @@ def test_paths_other_machines_cannot_reach_are_refused_before_any_work(cluster, 
 def faulted(cluster, tracking_server, tmp_path_factory):
     """The main job, logging to the MLflow server, with an episode worker, the weight board and a learner killed
     by PID at seeded random learner steps (as seen in the job's log), one at a time: each once the job has
-    logged that step after the fault before (the log trails the learner by seconds, so faults due at nearby
-    steps would otherwise land in one instant and one recovery)."""
+    logged that step after the fault before, and after a learner's fault only once the restarted learners have
+    said where they resumed (the log trails the learner by seconds: its lines from before a fault still arrive
+    after it, and faults due at nearby steps would otherwise land in one instant and one recovery)."""
     runs = tmp_path_factory.mktemp("runs")
     rng = random.Random(7)
     plan = dict(zip(sorted(rng.sample(range(4, STEPS // 3), 3)), rng.sample(["episode worker", "weight board", "learner"], 3)))
     submitted = train_job(cluster, runs, tracking_server, "--set", "tracking.run_name=chaos", wait=False)
     job = re.search(r"raysubmit_\w+", submitted.stdout).group(0)
-    client, done, actors, since = cluster.jobs(), [], [], 0
+    client, done, actors, since, restarting = cluster.jobs(), [], [], 0, False
     deadline = time.monotonic() + 600
     while client.get_job_status(job).is_terminal() is False and time.monotonic() < deadline:
         logs = client.get_job_logs(job)
+        if restarting:  # the restarted learners' lines start at their resume line
+            resumed = logs.find("[refiner] resumed at learner step", since)
+            if resumed < 0:
+                time.sleep(0.3)
+                continue
+            since, restarting = resumed, False
         steps = [int(m) for m in re.findall(r"\[refiner\] step +(\d+)/", logs[since:])]  # since the last fault
         if steps and not actors:
             # listed once (a listing takes seconds): each kind is killed once, so its PID from here is the one to
@@ -127,7 +134,7 @@ def faulted(cluster, tracking_server, tmp_path_factory):
                 actors = []
                 continue
             done.append(due[0])
-            since = len(logs)
+            since, restarting = len(logs), plan[due[0]] == "learner"
             print(f"step {max(steps)}: killed the {plan[due[0]]} (pid {killed})")
         time.sleep(0.3)
     return {"status": client.get_job_status(job), "logs": client.get_job_logs(job), "plan": plan, "done": done,
@@ -137,6 +144,9 @@ def faulted(cluster, tracking_server, tmp_path_factory):
 def test_the_main_job_submitted_with_its_working_dir_trains_across_both_nodes(faulted, tracking_server):
     assert faulted["status"] == JobStatus.SUCCEEDED, faulted["logs"][-3000:]
     assert "| refiner |" in faulted["logs"]
+    logged = {int(s) for s in re.findall(r"\[refiner\] step +(\d+)/", faulted["logs"])}
+    missing = sorted(set(range(2, STEPS + 1, 2)) - logged)  # every log step's line, none held back by Ray's dedup
+    assert not missing, f"progress lines missing from the job's log: steps {missing}"
     summary = json.loads((faulted["run_dir"] / "summary.json").read_text())
     assert summary["train"]["steps"] == STEPS and summary["train"]["nodes"] == 2
     # evaluated as Ray work, in a process of its own, not by the driver
