@@ -82,6 +82,24 @@ def test_service_throughput_bench_compares_modes_at_equal_wall_clock(ray_local, 
     assert "x (a) at step 3" in (tmp_path / "throughput.md").read_text()
 
 
+def test_chaos_counts_the_steps_restarted_learners_redo_when_a_restarted_node_replays_old_lines():
+    """A learner (pid 10) dies after step 3 and pid 11 resumes from step 1; pid 10's node comes back and Ray
+    sends its old lines again; then pid 11 dies after step 6 and pid 12 resumes from step 4. Steps 2, 3, 5
+    and 6 were redone, once each (in log order, the replay would hide the second restart's two)."""
+    from iai_dist.service.bench import _steps_redone
+
+    def lines(pid, steps, ip=", ip=127.0.0.2"):
+        return [f"(RayTrainWorker pid={pid}{ip}) [refiner] step {s:>6}/8 | 9.1 it/s" for s in steps]
+
+    def resumed(pid, step):
+        return [f"(RayTrainWorker pid={pid}) [refiner] resumed at learner step {step} (episode {32 * step})"]
+
+    first = lines(10, [1, 2, 3], ip="")
+    log = [*first, *resumed(11, 1), *lines(11, range(2, 7)), *first, *resumed(12, 4), *lines(12, range(5, 9))]
+    assert _steps_redone("\n".join(log)) == 4
+    assert _steps_redone("\n".join(lines(10, range(1, 9)))) == 0
+
+
 def test_latent_bench_fits_the_best_latent_per_task_for_each_conditioning(tmp_path):
     bench.main(["latent", "--presets", "tiny", "--train-tasks", "16", "--tasks", "8", "--steps", "200", "--out", str(tmp_path)])
     rows = json.loads((tmp_path / "latent.json").read_text())["rows"]["tiny"]

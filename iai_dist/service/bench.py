@@ -280,6 +280,7 @@ def chaos(args) -> None:
     cluster = LoopbackCluster(root / "cluster", nodes=2, cpus_per_node=2, token=True).start()
     kinds = [*KILLABLE, "node"]
     base_tasks = load_config(args.preset).train.tasks_per_batch
+    names: dict[str, str] = {}  # job id -> run name
     try:
         def job(name: str, steps: int) -> str:
             entry = ["python", "-m", "iai_dist.train", "--preset", args.preset, "--set", f"tracking.runs_dir={root}",
@@ -289,9 +290,12 @@ def chaos(args) -> None:
                      "--set", "distributed.num_workers=2", "--set", "distributed.episode_workers=2",
                      "--set", "distributed.max_failures=-1", "--set", "distributed.worker_restarts=-1"]
             proc = cluster.submit(entry, working_dir=Path(__file__).resolve().parents[2], wait=False)
-            return re.search(r"raysubmit_\w+", proc.stdout).group(0)
+            job_id = re.search(r"raysubmit_\w+", proc.stdout).group(0)
+            names[job_id] = name
+            return job_id
 
         def follow(job_id: str, plan: dict[int, str], limit_s: float = 3600) -> dict:
+            """Wait for a job, injecting `plan`'s faults; its whole log is kept beside its run (<name>.log)."""
             client, done, actors, t0 = cluster.jobs(), [], [], time.monotonic()
             while not client.get_job_status(job_id).is_terminal():
                 if time.monotonic() - t0 > limit_s:  # a job that does not recover: reported, not waited for
@@ -315,9 +319,9 @@ def chaos(args) -> None:
                           flush=True)
                 time.sleep(0.3)
             logs = client.get_job_logs(job_id)
-            redone = _steps_redone(logs)
+            (root / f"{names[job_id]}.log").write_text(logs)
             return {"ok": client.get_job_status(job_id) == JobStatus.SUCCEEDED, "seconds": time.monotonic() - t0,
-                    "faults": [plan[s] for s in done], "redone": redone, "log_tail": logs[-2000:]}
+                    "faults": [plan[s] for s in done], "redone": _steps_redone(logs)}
 
         print("== probe: learner steps/s of this job on the cluster", flush=True)
         probe = follow(job("probe", 20), {})
@@ -352,16 +356,12 @@ def chaos(args) -> None:
                      f"{error} | {r['episodes']} (of {steps} x {base_tasks}) |")
     write(out, "chaos", {"preset": args.preset, "steps": steps, "plan": plan, "runs": rows, "seed": args.seed},
           "\n".join(lines))
+    print(f"the jobs' logs: {root}/{{probe,calm,chaos}}.log")
 
 
 def _steps_redone(logs: str) -> int:
-    """Learner steps taken twice: at each restart, the last step logged before it (the job logs every step)
-    minus the step resumed at."""
-    redone, last = 0, 0
-    for kind, step in re.findall(r"\[refiner\] (step|resumed at learner step) +(\d+)", logs):
-        if kind == "step":
-            last = int(step)
-        else:
-            redone += max(0, last - int(step))
-            last = int(step)
-    return redone
+    """Learner steps taken twice: progress lines (the job logs every step) of distinct processes, by the Ray
+    prefix's pid, beyond one per step. Counted by (pid, step), not in log order: a node that is started again
+    has Ray's log monitor send its old worker logs once more, so a dead learner's lines can reappear late."""
+    lines = set(re.findall(r"pid=(\d+)[^\n]*\[refiner\] step +(\d+)/", logs))
+    return len(lines) - len({step for _, step in lines})
