@@ -104,8 +104,8 @@ def faulted(cluster, tracking_server, tmp_path_factory):
     """The main job, logging to the MLflow server, with an episode worker, the weight board and a learner killed
     by PID at seeded random learner steps (as seen in the job's log), one at a time: each once the job has
     logged that step after the fault before, and after a learner's fault only once the restarted learners have
-    said where they resumed (the log trails the learner by seconds: its lines from before a fault still arrive
-    after it, and faults due at nearby steps would otherwise land in one instant and one recovery)."""
+    started (the log trails the learner by seconds: its lines from before a fault still arrive after it, and
+    faults due at nearby steps would otherwise land in one instant and one recovery)."""
     runs = tmp_path_factory.mktemp("runs")
     rng = random.Random(7)
     plan = dict(zip(sorted(rng.sample(range(4, STEPS // 3), 3)), rng.sample(["episode worker", "weight board", "learner"], 3)))
@@ -115,12 +115,12 @@ def faulted(cluster, tracking_server, tmp_path_factory):
     deadline = time.monotonic() + 600
     while client.get_job_status(job).is_terminal() is False and time.monotonic() < deadline:
         logs = client.get_job_logs(job)
-        if restarting:  # the restarted learners' lines start at their resume line
-            resumed = logs.find("[refiner] resumed at learner step", since)
-            if resumed < 0:
+        if restarting:  # the restarted learners' lines start at the line rank 0 prints first (resumed or not)
+            started = logs.find("[precision]", since)
+            if started < 0:
                 time.sleep(0.3)
                 continue
-            since, restarting = resumed, False
+            since, restarting = started, False
         steps = [int(m) for m in re.findall(r"\[refiner\] step +(\d+)/", logs[since:])]  # since the last fault
         if steps and not actors:
             # listed once (a listing takes seconds): each kind is killed once, so its PID from here is the one to
