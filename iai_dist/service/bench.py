@@ -280,7 +280,6 @@ def chaos(args) -> None:
     cluster = LoopbackCluster(root / "cluster", nodes=2, cpus_per_node=2, token=True).start()
     kinds = [*KILLABLE, "node"]
     base_tasks = load_config(args.preset).train.tasks_per_batch
-    names: dict[str, str] = {}  # job id -> run name
     try:
         def job(name: str, steps: int) -> str:
             entry = ["python", "-m", "iai_dist.train", "--preset", args.preset, "--set", f"tracking.runs_dir={root}",
@@ -290,22 +289,21 @@ def chaos(args) -> None:
                      "--set", "distributed.num_workers=2", "--set", "distributed.episode_workers=2",
                      "--set", "distributed.max_failures=-1", "--set", "distributed.worker_restarts=-1"]
             proc = cluster.submit(entry, working_dir=Path(__file__).resolve().parents[2], wait=False)
-            job_id = re.search(r"raysubmit_\w+", proc.stdout).group(0)
-            names[job_id] = name
-            return job_id
+            return re.search(r"raysubmit_\w+", proc.stdout).group(0)
 
-        def follow(job_id: str, plan: dict[int, str], limit_s: float = 3600) -> dict:
-            """Wait for a job, injecting `plan`'s faults; its whole log is kept beside its run (<name>.log)."""
+        def follow(name: str, steps: int, plan: dict[int, str], limit_s: float = 3600) -> dict:
+            """Submit the job and wait for it, injecting `plan`'s faults; its whole log is kept as <name>.log."""
+            job_id = job(name, steps)
             client, done, actors, t0 = cluster.jobs(), [], [], time.monotonic()
             while not client.get_job_status(job_id).is_terminal():
                 if time.monotonic() - t0 > limit_s:  # a job that does not recover: reported, not waited for
                     client.stop_job(job_id)
                     break
                 logs = client.get_job_logs(job_id)
-                steps = [int(m) for m in re.findall(r"\[refiner\] step +(\d+)/", logs)]
-                if steps and not actors:
+                logged = [int(m) for m in re.findall(r"\[refiner\] step +(\d+)/", logs)]
+                if logged and not actors:
                     actors = cluster.actors()
-                for step in [s for s in sorted(plan) if s not in done and steps and max(steps) >= s]:
+                for step in [s for s in sorted(plan) if s not in done and logged and max(logged) >= s]:
                     what = plan[step]
                     if what == "node":
                         cluster.kill_node(1)
@@ -315,26 +313,26 @@ def chaos(args) -> None:
                         kill_actor(cluster, what, actors)
                     actors = []
                     done.append(step)
-                    print(f"   learner step {max(steps)}: killed {'node 1' if what == 'node' else 'the ' + what}",
+                    print(f"   learner step {max(logged)}: killed {'node 1' if what == 'node' else 'the ' + what}",
                           flush=True)
                 time.sleep(0.3)
             logs = client.get_job_logs(job_id)
-            (root / f"{names[job_id]}.log").write_text(logs)
+            (root / f"{name}.log").write_text(logs)
             return {"ok": client.get_job_status(job_id) == JobStatus.SUCCEEDED, "seconds": time.monotonic() - t0,
                     "faults": [plan[s] for s in done], "redone": _steps_redone(logs)}
 
         print("== probe: learner steps/s of this job on the cluster", flush=True)
-        probe = follow(job("probe", 20), {})
+        probe = follow("probe", 20, {})
         rate = 20 / max(probe["seconds"] - 40, 5)  # less the start-up of a job (about 40 s here)
         steps = max(40, int(rate * args.minutes * 60))
         print(f"== undisturbed: {steps} learner steps", flush=True)
-        calm = follow(job("calm", steps), {})
+        calm = follow("calm", steps, {})
         rng = random.Random(args.seed)
         faults = [kinds[i % len(kinds)] for i in range(args.kills)]  # every kind, once --kills reaches 4
         rng.shuffle(faults)
         plan = dict(zip(sorted(rng.sample(range(steps // 20 + 1, int(steps * 0.9)), args.kills)), faults))
         print(f"== with {args.kills} faults at learner steps {sorted(plan)}: {[plan[s] for s in sorted(plan)]}", flush=True)
-        chaotic = follow(job("chaos", steps), plan, limit_s=4 * calm["seconds"] + 600)
+        chaotic = follow("chaos", steps, plan, limit_s=4 * calm["seconds"] + 600)
     finally:
         cluster.stop()
     rows = {}
