@@ -71,9 +71,9 @@ def test_learner_bench_side_by_side_with_an_exported_tree_keeps_the_callers_pyth
 
 def test_service_throughput_bench_compares_modes_at_equal_wall_clock(ray_local, tmp_path):
     bench.main(["throughput", "--preset", "tiny", "--steps", "8", "--minutes", "0.05", "--episodes", "32",
-                "--modes", "c", "--out", str(tmp_path)])
+                "--modes", "b", "--out", str(tmp_path)])
     data = json.loads((tmp_path / "throughput.json").read_text())
-    assert list(data["rates"]) == ["(a) in process", "(c) 2 learners + 2 episode workers"]
+    assert list(data["rates"]) == ["(a) in process", "(b) 1 learner + 1 episode worker"]
     assert [r["staleness"] for r in data["rates"].values()] == [0, 1]
     assert all(0 <= r["learner_idle_pct"] <= 100 for r in data["rates"].values())
     for q in data["quality"].values():  # both trained: the held-out error falls with every step

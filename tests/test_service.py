@@ -17,7 +17,7 @@ from ray import cloudpickle
 
 from iai_dist import train
 from iai_dist.checkpoint import CheckpointError, read_checkpoint
-from iai_dist.learner import ServiceError, train_in_process
+from iai_dist.learner import ServiceError
 from iai_dist.service.fit import episode_worker_name, fit
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the hooks below run inside Train workers
@@ -100,20 +100,6 @@ def test_ray_training_is_exact_across_a_learner_failure_and_resumes_with_more_wo
     newest.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot be read"):
         fit(longer, tmp_path / "plain")
-
-
-def test_synchronous_ray_training_follows_the_in_process_trajectory(ray_local, tiny_cfg, tmp_path):
-    """With staleness 0 every batch is rolled out with the learner's current weights, as in process: the same
-    loop over the same episodes gives the same model (up to float rounding in other processes). With a horizon
-    curriculum (K steps for learner steps 0-5, 2K after), which the episode workers follow as the learner does."""
-    cfg = tiny_cfg.with_overrides({**SERVICE, "train.max_steps": 12, "train.log_every": 6, "train.checkpoint_every": 6,
-                                   "train.horizon": 2, "train.horizon_from": 0.5})
-    local, _ = train_in_process(cfg, None, progress=False)
-    on_ray = fit(cfg.with_overrides({"distributed.num_workers": 1, "distributed.episode_workers": 1,
-                                     "distributed.staleness": 0}), tmp_path / "sync")
-    remote = read_checkpoint(on_ray.checkpoint)[0]["model"]
-    for name, tensor in local.model.state_dict().items():
-        torch.testing.assert_close(remote[name], tensor, rtol=1e-4, atol=1e-5, msg=name)
 
 
 def test_train_cli_on_ray_logs_one_mlflow_run_with_service_metrics_and_sample_pictures(ray_local, tmp_path, capsys,
