@@ -153,3 +153,23 @@ def test_the_flow_density_by_change_of_variables_is_the_mixtures_own():
     standard = -0.5 * x1.pow(2).sum(-1) - math.log(2 * math.pi)
     torch.testing.assert_close(flow_log_density(lambda p: 0 * p[..., :2], x1, 4), standard)
     assert float((exact - standard).abs().max()) > 1  # the two densities differ: the first check is not vacuous
+
+
+def test_the_default_ode_steps_give_the_gmm_2d_tasks_true_nll_to_a_hundredth_of_a_nat():
+    """What the evaluation's NLL of a flow (every model but the mixture) is worth at the preset's ode_steps: the
+    tasks' own velocity fields, integrated back from held-out true samples, against their closed-form density.
+    Measured at 32 tasks x 1,000 samples: bias -0.069 nats at 5 steps, -0.006 at 10, -0.0002 at 20."""
+    from iai_dist.generative import flow_log_density
+
+    cfg = load_config("gmm-2d")
+    fam, tasks = build_family(cfg.task), torch.arange(32)
+    truth = fam.sample(cfg.eval.seed, tasks, split="test").truth
+    x1 = fam.true_samples(cfg.eval.seed, tasks, 1000, split="test")
+    exact = -fam.log_density(truth, x1).mean(1)
+    field = lambda p: fam.true_velocity(truth, p)  # noqa: E731
+
+    def bias(steps: int) -> float:
+        return float((-flow_log_density(field, x1, steps).mean(1) - exact).mean())
+
+    assert abs(bias(cfg.task.generative.ode_steps)) < 0.01
+    assert abs(bias(cfg.task.generative.ode_steps // 2)) > 0.03  # half the steps: visibly off (not vacuous)
