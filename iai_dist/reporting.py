@@ -42,19 +42,28 @@ def report_steps(k: int, horizon: int) -> list[int]:
     return sorted({s for s in (1, 2, 5, k, 2 * k, horizon) if 1 <= s <= horizon})
 
 
+def duration(seconds: float) -> str:
+    """A time at a glance: 45s, 7m12s, 2h05m."""
+    s = round(seconds)
+    if s < 60:
+        return f"{s}s"
+    return f"{s // 60}m{s % 60:02d}s" if s < 3600 else f"{s // 3600}h{s % 3600 // 60:02d}m"
+
+
 def progress_line(label: str, learner, stats, window: Window, heldout: list[float], elapsed: float) -> str:
     """One log line: step, rate, loss, held-out query error after steps 1, 2, 5, K (and 2K, and the last one
     trained on, under train.horizon; the training batch's when there is no held-out set), lr, skipped steps,
-    the learner's idle share and staleness, time."""
+    the learner's idle share and staleness, time so far and the time left at this window's rate."""
     errors, where = (heldout, "held-out") if heldout else (stats.step_errors, "batch")
     errs = " ".join(f"@{s}:{errors[s - 1]:.3g}%" for s in report_steps(learner.cfg.task.steps, len(errors)))
     tc = learner.cfg.train
     rate = window.steps_per_s
+    left = duration((tc.max_steps - learner.step) / max(rate, 1e-9))
     return (
         f"[{label}] step {learner.step:>6}/{tc.max_steps} | {rate:6.2f} it/s {rate * tc.tasks_per_batch:7.0f} "
         f"episodes/s | loss {stats.loss:8.4f} | {where} error {errs} | lr {learner.lr:.2e} | skipped "
         f"{learner.skipped} | idle {window.idle_pct:4.1f}% | staleness {window.staleness_mean:.1f} "
-        f"(max {window.lag_max:.0f}) | {elapsed:6.0f}s"
+        f"(max {window.lag_max:.0f}) | {elapsed:6.0f}s, {left} left"
     )
 
 

@@ -386,3 +386,21 @@ def test_f_gamma_learns_at_its_own_rate_and_a_frozen_one_stays_put(tiny_cfg):
     assert moved and not any(n.startswith("regime.f_gamma.") for n in moved) and "regime.z0" in moved
     default = Learner(tiny_cfg).optimizer.param_groups  # the decay and no-decay groups of older checkpoints
     assert [(g["weight_decay"] > 0, g["lr_scale"]) for g in default] == [(True, 1.0), (False, 1.0)]
+
+
+def test_progress_lines_show_the_time_left_at_the_windows_rate(tiny_cfg, capsys):
+    from types import SimpleNamespace
+
+    from iai_dist.reporting import Window, duration, progress_line
+
+    learner = Learner(tiny_cfg.with_overrides({"train.max_steps": 1000}), torch.device("cpu"))
+    stats = SimpleNamespace(loss=1.0, step_errors=[90.0, 80.0, 70.0])
+    learner.step = 100
+    window = Window(steps=10, seconds=4.0, transitions=0, waited_s=0, lag_sum=0, lag_max=0)  # 2.5 steps/s
+    assert progress_line("refiner", learner, stats, window, [], 60.0).endswith("|     60s, 6m00s left")  # 900 / 2.5
+    learner.step = 1000
+    assert progress_line("refiner", learner, stats, window, [], 400.0).endswith(", 0s left")
+    assert [duration(s) for s in (44.6, 432, 7260)] == ["45s", "7m12s", "2h01m"]
+    train_in_process(tiny_cfg.with_overrides({"train.max_steps": 10, "train.log_every": 5}), None)  # what it prints
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[refiner] step")]
+    assert len(lines) == 2 and all(line.endswith(" left") for line in lines) and lines[-1].endswith(", 0s left")
