@@ -25,7 +25,7 @@ def _cpu_flags() -> frozenset[str]:
 
 @functools.lru_cache(maxsize=None)
 def bf16_native(device: torch.device) -> bool:
-    """A CUDA GPU with bf16, or a CPU with AMX or AVX512-BF16: elsewhere bf16 is emulated, and was 17x slower
+    """A CUDA GPU with bf16, or a CPU with AMX or AVX512-BF16: elsewhere bf16 is emulated, and was 18x slower
     than fp32 for a linreg-paper learner step on an AMD EPYC without them."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
