@@ -20,7 +20,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from ray.job_submission import JobStatus
 
-from iai_dist.service.loopback import LoopbackCluster, free_port, kill_actor
+from iai_dist.service.loopback import LoopbackCluster, follow_with_faults, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = 128  # tasks per learner step (the default preset's)
@@ -105,43 +105,13 @@ def test_paths_other_machines_cannot_reach_are_refused_before_any_work(cluster, 
 @pytest.fixture(scope="module")
 def faulted(cluster, tracking_server, tmp_path_factory):
     """The main job, logging to the MLflow server, with an episode worker, the weight board and a learner killed
-    by PID at seeded random learner steps (as seen in the job's log), one at a time: each once the job has
-    logged that step after the fault before, and after a learner's fault only once the restarted learners have
-    started (the log trails the learner by seconds: its lines from before a fault still arrive after it, and
-    faults due at nearby steps would otherwise land in one instant and one recovery)."""
+    by PID at seeded random learner steps as seen in the job's log, one at a time (loopback.follow_with_faults)."""
     runs = tmp_path_factory.mktemp("runs")
     rng = random.Random(7)
     plan = dict(zip(sorted(rng.sample(range(4, STEPS // 3), 3)), rng.sample(["episode worker", "weight board", "learner"], 3)))
     submitted = train_job(cluster, runs, tracking_server, "--set", "tracking.run_name=chaos", wait=False)
-    job = re.search(r"raysubmit_\w+", submitted.stdout).group(0)
-    client, done, actors, since, restarting = cluster.jobs(), [], [], 0, False
-    deadline = time.monotonic() + 600
-    while client.get_job_status(job).is_terminal() is False and time.monotonic() < deadline:
-        logs = client.get_job_logs(job)
-        if restarting:  # the restarted learners' lines start at the line rank 0 prints first (resumed or not)
-            started = logs.find("[precision]", since)
-            if started < 0:
-                time.sleep(0.3)
-                continue
-            since, restarting = started, False
-        steps = [int(m) for m in re.findall(r"\[refiner\] step +(\d+)/", logs[since:])]  # since the last fault
-        if steps and not actors:
-            # listed once (a listing takes seconds): each kind is killed once, so its PID from here is the one to
-            # kill; kill_actor lists again if it has gone (Ray restarting it after an earlier fault)
-            actors = cluster.actors()
-        due = [s for s in plan if s not in done and steps and max(steps) >= s]
-        if due:
-            try:
-                killed = kill_actor(cluster, plan[due[0]], actors)
-            except RuntimeError:  # none alive this instant: try again
-                actors = []
-                continue
-            done.append(due[0])
-            since, restarting = len(logs), plan[due[0]] == "learner"
-            print(f"step {max(steps)}: killed the {plan[due[0]]} (pid {killed})")
-        time.sleep(0.3)
-    return {"status": client.get_job_status(job), "logs": client.get_job_logs(job), "plan": plan, "done": done,
-            "run_dir": runs / "chaos"}
+    job = follow_with_faults(cluster, re.search(r"raysubmit_\w+", submitted.stdout).group(0), plan, limit_s=600)
+    return {**job, "plan": plan, "run_dir": runs / "chaos"}
 
 
 def test_the_main_job_submitted_with_its_working_dir_trains_across_both_nodes(faulted, tracking_server):

@@ -273,7 +273,7 @@ def chaos(args) -> None:
     from ray.job_submission import JobStatus
 
     from iai_dist.bench import write
-    from iai_dist.service.loopback import KILLABLE, LoopbackCluster, kill_actor
+    from iai_dist.service.loopback import KILLABLE, LoopbackCluster, follow_with_faults
 
     out = Path(args.out).resolve()
     root = out / f"chaos-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -293,33 +293,10 @@ def chaos(args) -> None:
 
         def follow(name: str, steps: int, plan: dict[int, str], limit_s: float = 3600) -> dict:
             """Submit the job and wait for it, injecting `plan`'s faults; its whole log is kept as <name>.log."""
-            job_id = job(name, steps)
-            client, done, actors, t0 = cluster.jobs(), [], [], time.monotonic()
-            while not client.get_job_status(job_id).is_terminal():
-                if time.monotonic() - t0 > limit_s:  # a job that does not recover: reported, not waited for
-                    client.stop_job(job_id)
-                    break
-                logs = client.get_job_logs(job_id)
-                logged = [int(m) for m in re.findall(r"\[refiner\] step +(\d+)/", logs)]
-                if logged and not actors:
-                    actors = cluster.actors()
-                for step in [s for s in sorted(plan) if s not in done and logged and max(logged) >= s]:
-                    what = plan[step]
-                    if what == "node":
-                        cluster.kill_node(1)
-                        time.sleep(args.node_down)
-                        cluster.start_node(1)
-                    else:
-                        kill_actor(cluster, what, actors)
-                    actors = []
-                    done.append(step)
-                    print(f"   learner step {max(logged)}: killed {'node 1' if what == 'node' else 'the ' + what}",
-                          flush=True)
-                time.sleep(0.3)
-            logs = client.get_job_logs(job_id)
-            (root / f"{name}.log").write_text(logs)
-            return {"ok": client.get_job_status(job_id) == JobStatus.SUCCEEDED, "seconds": time.monotonic() - t0,
-                    "faults": [plan[s] for s in done], "redone": _steps_redone(logs)}
+            run = follow_with_faults(cluster, job(name, steps), plan, node_down_s=args.node_down, limit_s=limit_s)
+            (root / f"{name}.log").write_text(run["logs"])
+            return {"ok": run["status"] == JobStatus.SUCCEEDED, "seconds": run["seconds"],
+                    "faults": [plan[s] for s in run["done"]], "redone": _steps_redone(run["logs"])}
 
         print("== probe: learner steps/s of this job on the cluster", flush=True)
         probe = follow("probe", 20, {})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import signal
 import socket
@@ -160,6 +161,14 @@ class LoopbackCluster:
     def token_value(self) -> str:
         return (self.directory / "auth_token").read_text().strip()
 
+    def node_id(self, i: int) -> str | None:
+        """Ray's id of node i while it is alive (it listens on 127.0.0.{i + 1})."""
+        out = subprocess.run([RAY, "list", "nodes", f"--address={self.gcs}", "--filter", "state=ALIVE",
+                              "--filter", f"node_ip=127.0.0.{i + 1}", "--format=json"], env=self.env,
+                             capture_output=True, text=True)
+        nodes = json.loads(out.stdout) if out.returncode == 0 else []
+        return nodes[0]["node_id"] if nodes else None
+
     def actors(self) -> list[dict]:
         """The alive actors with their class, name, pid and node (Ray's state API, as `ray list actors`)."""
         out = subprocess.run([RAY, "list", "actors", f"--address={self.gcs}", "--detail", "--format=json",
@@ -184,6 +193,61 @@ def kill_actor(cluster: LoopbackCluster, what: str, actors: list[dict] | None = 
             except ProcessLookupError:  # restarted since it was listed
                 continue
     raise RuntimeError(f"no {what} to kill")
+
+
+STEP_LINE = re.compile(r"\[refiner\] step +(\d+)/")  # a learner's progress line in the job's log
+LEARNERS_STARTED = "[precision]"  # the first line rank 0 prints, resumed or not
+
+
+def follow_with_faults(cluster: LoopbackCluster, job_id: str, plan: dict[int, str], *, node_down_s: float = 10,
+                       limit_s: float = 3600) -> dict:
+    """Wait for a submitted job, injecting `plan` ({learner step: a KILLABLE kind, or "node" for node 1, killed
+    and started again after node_down_s}) as its log reaches each step, one fault at a time.
+
+    The log trails the learners by seconds: their lines from before a fault still arrive after it. So a fault is
+    due only when a progress line logged since the previous fault reaches its step, and after a fault that took
+    learners down only once the restarted learners have started; faults due at nearby steps would otherwise land
+    in one instant and one recovery. A job still running after limit_s is stopped, not waited for.
+    Returns the job's status, its whole log, the steps whose faults landed and the seconds taken."""
+    client, done, actors, since, restarting, t0 = cluster.jobs(), [], [], 0, False, time.monotonic()
+    while not client.get_job_status(job_id).is_terminal():
+        if time.monotonic() - t0 > limit_s:
+            client.stop_job(job_id)
+            break
+        logs = client.get_job_logs(job_id)
+        if restarting:
+            started = logs.find(LEARNERS_STARTED, since)
+            if started < 0:
+                time.sleep(0.3)
+                continue
+            since, restarting = started, False
+        steps = [int(s) for s in STEP_LINE.findall(logs, since)]
+        if steps and not actors:
+            # listed once (a listing takes seconds); kill_actor lists again when a PID has gone (restarted since)
+            actors = cluster.actors()
+        due = [s for s in sorted(plan) if s not in done and steps and max(steps) >= s]
+        if due:
+            what = plan[due[0]]
+            if what == "node":
+                node = cluster.node_id(1)
+                restarting = any(KILLABLE["learner"](a) and a.get("node_id") == node for a in cluster.actors())
+                cluster.kill_node(1)
+                time.sleep(node_down_s)
+                cluster.start_node(1)
+                killed = "node 1"
+            else:
+                try:
+                    killed = f"the {what} (pid {kill_actor(cluster, what, actors)})"
+                except RuntimeError:  # none alive this instant: try again
+                    actors = []
+                    continue
+                restarting = what == "learner"
+            done.append(due[0])
+            since = len(logs)
+            print(f"   learner step {max(steps)}: killed {killed}", flush=True)
+        time.sleep(0.3)
+    return {"status": client.get_job_status(job_id), "logs": client.get_job_logs(job_id), "done": done,
+            "seconds": time.monotonic() - t0}
 
 
 def _signal_group(proc: subprocess.Popen, sig: int) -> None:
