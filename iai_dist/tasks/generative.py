@@ -195,6 +195,13 @@ class Alphabet(GenerativeFamily):
             self.cells[i, : len(c)] = c
         self.counts = torch.tensor([len(c) for c in cells])
         self.cell_size = 3.0 / GLYPH_GRID
+        # the same cells as an occupancy grid per letter (lattice index = (centre - lowest centre) / cell size):
+        # where log_density looks a point up
+        self.lowest = torch.stack([c.min(0).values for c in cells])  # [L, 2]
+        self.occupied = torch.zeros(len(cells), GLYPH_GRID + 2, GLYPH_GRID + 2, dtype=torch.bool)
+        for i, c in enumerate(cells):
+            index = ((c - self.lowest[i]) / self.cell_size).round().long()
+            self.occupied[i, index[:, 0], index[:, 1]] = True
         self.letter_range = {"train": (0, len(g.letters)), "test": (len(g.letters), len(cells))}
 
     def letter_names(self, letter: torch.Tensor) -> list[str]:
@@ -220,3 +227,19 @@ class Alphabet(GenerativeFamily):
         jitter = (rng.uniform(f"{stream}_jitter", (n, 2)) - 0.5) * self.cell_size
         pts = torch.gather(cells, 1, pick.unsqueeze(-1).expand(-1, -1, 2)) + jitter
         return pts @ task["linear"].transpose(1, 2) + task["shift"].unsqueeze(1)
+
+    def log_density(self, truth, x):
+        """Uniform on the mapped glyph: -log(its area) inside, -inf outside. A point within 1e-4 cells of an
+        inside cell counts as inside, so a sample on a cell's edge is not lost to rounding in the inverse map."""
+        letter, linear = truth["letter"], truth["linear"]
+        glyph = (x - truth["shift"].unsqueeze(1)) @ torch.linalg.inv(linear).transpose(1, 2)  # [T, n, 2]
+        u = (glyph - self.lowest.to(x)[letter].unsqueeze(1)) / self.cell_size + 0.5  # cell k covers [k, k + 1)
+        occupied, size = self.occupied.to(x.device)[letter], self.occupied.shape[-1]  # [T, G, G]
+        inside = torch.zeros(x.shape[:2], dtype=torch.bool, device=x.device)
+        for offset in ((-1e-4, -1e-4), (-1e-4, 1e-4), (1e-4, -1e-4), (1e-4, 1e-4)):
+            index = (u + torch.tensor(offset, device=x.device, dtype=x.dtype)).floor().long()
+            valid = ((index >= 0) & (index < size)).all(-1)
+            index = index.clamp(0, size - 1)
+            inside |= valid & occupied.flatten(1).gather(1, index[..., 0] * size + index[..., 1])
+        area = self.counts.to(x)[letter] * self.cell_size ** 2 * torch.linalg.det(linear).abs()  # [T]
+        return torch.where(inside, -area.log().unsqueeze(1), torch.full_like(inside, -math.inf, dtype=x.dtype))
