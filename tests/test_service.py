@@ -202,3 +202,43 @@ def test_weights_reach_the_board_from_the_publisher_thread_and_its_errors_reach_
         time.sleep(0.05)
     with pytest.raises(RuntimeError, match="the weight publisher stopped"):
         publisher.send(0, 5, {"w": torch.zeros(2)}, None, keep_from=2)
+
+
+def test_a_request_reaches_an_episode_worker_only_once_its_weights_exist(ray_local, tiny_cfg):
+    """Ray may re-run a restarted actor's retried tasks in any order, so no request may sit at a worker waiting
+    for weights that only a request behind it lets the learner make: before every step each request in flight
+    names a version the learner has made, as does each one sent while it learns, and the buffer is still full
+    (staleness + 1: the overlap is kept). The default staleness, and one with publications every other step."""
+    from iai_dist.experience import EpisodeStream
+    from iai_dist.learner import Learner
+    from iai_dist.service.board import WeightBoard
+    from iai_dist.service.episode_worker import EpisodeWorker, pack_weights
+    from iai_dist.service.feed import RayFeed, VersionSchedule
+
+    board = ray.remote(num_cpus=0)(WeightBoard).options(name="feed-order").remote()
+    worker = ray.remote(EpisodeWorker).options(num_cpus=0.5).remote(tiny_cfg.model_dump(mode="json"), 0, "feed-order",
+                                                                    False)
+    steps = 7
+    try:
+        for generation, (staleness, sync_every) in enumerate([(1, 1), (2, 2)], start=1):
+            cfg = tiny_cfg.with_overrides({"distributed.staleness": staleness, "distributed.sync_every": sync_every})
+            learner = Learner(cfg, "cpu")
+            window = {0: {k: t.detach().clone() for k, t in learner.model.state_dict().items()}}
+            ray.get(board.ensure.remote(generation, {0: pack_weights(window[0])}))
+            stream = EpisodeStream(cfg.train.tasks_per_batch, 0, 1, 0)
+            schedule = VersionSchedule(staleness, sync_every, 0, [0])
+            feed = RayFeed(learner, stream, {0: worker}, board, generation, schedule, window, steps)
+            while learner.step < steps:
+                in_flight = [s for s, _, _ in feed.pending]
+                assert in_flight == list(range(learner.step, min(learner.step + staleness + 1, steps)))
+                assert all(schedule.version_for(s) in feed.window for s in in_flight), (learner.step, in_flight)
+                tr, _ = feed.next(learner.step)
+                sent = [s for s, _, _ in feed.pending]
+                assert all(schedule.version_for(s) in feed.window for s in sent), (learner.step, sent)
+                stream.take(tr, learner.step)
+                assert tr.version == schedule.version_for(learner.step)
+                learner.learn(tr)
+                feed.learned(learner)
+    finally:
+        ray.kill(worker)
+        ray.kill(board)

@@ -1,10 +1,15 @@
 """A learner rank's experience source on Ray (episode workers) and its checkpoint sink (ray.train.report).
 
 The batch of learner step n is rolled out with the weights of step n - staleness, exactly (the newest version
-published by then), so a rank keeps staleness + 1 requests in flight: each batch is rolled out while the learner
-learns the ones before it, and what every step learns from is fixed by the config, not by timing. That makes a
-Ray run reproducible, lets a restarted learner redo its steps on the same transitions, and lets a resume
+published by then), so a rank keeps up to staleness + 1 requests in flight: each batch is rolled out while the
+learner learns the ones before it, and what every step learns from is fixed by the config, not by timing. That
+makes a Ray run reproducible, lets a restarted learner redo its steps on the same transitions, and lets a resume
 continue exactly: the checkpoint keeps the weight versions still to be rolled out with.
+
+A request is sent only once its weights exist (published, or on their way to the board). Ray does not keep the
+order of actor tasks it retries: a restarted episode worker may re-run its requests in any order, and a request
+queued ahead of its weights would block the worker while the request the learner needs to make them waited
+behind it (until distributed.rollout_timeout_s).
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ class VersionSchedule:
 
 class RayFeed:
     """This rank's experience source: requests for its slice of each step, dealt round-robin to its episode
-    workers, staleness + 1 in flight (the bounded buffer: workers roll out only what was asked for).
+    workers, up to staleness + 1 in flight (the bounded buffer: workers roll out only what was asked for).
 
     Every rank keeps the weight versions that requests still need (the window; rank 0's goes into the
     checkpoint) and rank 0 publishes them. Waits are bounded and self-repairing: while a rank waits for a
@@ -69,18 +74,19 @@ class RayFeed:
         self.publisher = Publisher(board) if learner.rank == 0 else None
         self.pending: deque[tuple[int, int, ray.ObjectRef]] = deque()
         self.next_request = learner.step
-        for _ in range(schedule.staleness + 1):
-            self._request()
+        self._request_ready()
 
-    def _request(self) -> None:
-        step = self.next_request
-        if step >= self.end:
-            return
-        w = self.order[step % len(self.order)]
-        ref = self.workers[w].rollout.remote(self.generation, self.schedule.version_for(step),
-                                             self.stream.first(step), self.stream.share)
-        self.pending.append((step, w, ref))
-        self.next_request += 1
+    def _request_ready(self) -> None:
+        """Send the requests of the next steps whose weight versions the learner has made, up to staleness + 1
+        unanswered (at staleness s, the request of step n goes out once step n - s - 1 is learned)."""
+        while (self.next_request < self.end and len(self.pending) <= self.schedule.staleness
+               and self.schedule.version_for(self.next_request) <= self.learner.step):
+            step = self.next_request
+            w = self.order[step % len(self.order)]
+            ref = self.workers[w].rollout.remote(self.generation, self.schedule.version_for(step),
+                                                 self.stream.first(step), self.stream.share)
+            self.pending.append((step, w, ref))
+            self.next_request += 1
 
     def next(self, step: int) -> tuple[Transitions, float]:
         asked, w, ref = self.pending.popleft()
@@ -105,7 +111,7 @@ class RayFeed:
         if tr is None or tr.version != self.schedule.version_for(step):
             raise RuntimeError(f"episode worker {w} answered learner step {step} with weight version "
                                f"{None if tr is None else tr.version}, expected {self.schedule.version_for(step)}")
-        self._request()
+        self._request_ready()  # with sync_every > 1 the next request's weights may already exist
         return tr, waited
 
     def _repair_board(self) -> None:
@@ -116,8 +122,11 @@ class RayFeed:
             ray.get(self.board.ensure.remote(self.generation, {v: pack_weights(window[v]) for v in missing}))
 
     def learned(self, learner) -> None:
-        if not self.schedule.publishes(learner.step):
-            return
+        if self.schedule.publishes(learner.step):
+            self._publish(learner)
+        self._request_ready()
+
+    def _publish(self, learner) -> None:
         weights, copied = host_copy(learner.model)
         # requests still to come are for steps >= learner.step - 1 on every rank (DDP keeps them in lock-step)
         keep_from = self.schedule.version_for(max(learner.step - 1, self.schedule.start))
