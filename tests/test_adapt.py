@@ -2,6 +2,7 @@
 
 import csv
 import json
+from collections import Counter
 
 import mlflow
 import numpy as np
@@ -84,22 +85,36 @@ def test_the_estimator_reaches_the_rollouts_predictions(trained, kind):
         float(num / den), rel=1e-3)
 
 
-def test_fit_streams_one_pass_or_max_steps_and_refines(trained):
+def test_fit_streams_to_the_horizon_or_max_steps_and_refines(trained):
+    """By default one pass, at most the horizon (K=5 x eval.horizon 2 here), saying what it left unread; more
+    steps only when asked for, with a warning as they pass the horizon; full mini-batches of B throughout."""
     ep_est = AmortizedRegressor(model=trained["regression"]).partial_fit(np.zeros((1, 4)), [0.0])
     ep = ep_est.refiner_.family.sample(7, torch.tensor([3]), num_batches=50)  # 200 points of one task
     x, y = ep.context()
     x, y, xq, yq = x[0].numpy(), y[0].numpy(), ep.x_query[0].numpy(), ep.y_query[0].numpy()
     first = AmortizedRegressor(model=trained["regression"], max_steps=1, random_state=0).fit(x, y)
     five = AmortizedRegressor(model=trained["regression"], max_steps=5, random_state=0).fit(x, y)
-    one_pass = AmortizedRegressor(model=trained["regression"], random_state=0).fit(x, y)
-    assert (first.n_steps_, five.n_steps_, one_pass.n_steps_) == (1, 5, 50)
+    with pytest.warns(adapt.HorizonWarning, match="fit read 40 of 200 points: 10 mini-batches of 4"):
+        default = AmortizedRegressor(model=trained["regression"], random_state=0).fit(x, y)
+    with pytest.warns(adapt.HorizonWarning, match="refining to step 50, past this refiner's horizon of 10 steps"):
+        one_pass = AmortizedRegressor(model=trained["regression"], max_steps=50, random_state=0).fit(x, y)
+    assert (first.n_steps_, five.n_steps_, default.n_steps_, one_pass.n_steps_) == (1, 5, 10, 50)
     assert five.score(xq, yq) > first.score(xq, yq)  # R^2 on the task's query points: more data, better
+    # a pass of 7 points is topped up from the next: every mini-batch has B distinct points, and 7 steps (4
+    # shuffles) show each point 4 times
+    seen = []
+    est = AmortizedRegressor(model=trained["regression"], max_steps=7, random_state=0)
+    est._step = lambda state, xb, yb, i, q: seen.append(xb[0]) or state
+    est.fit(x[:7], y[:7])
+    batches = [[tuple(p) for p in b.tolist()] for b in seen]
+    assert all(len(set(b)) == 4 for b in batches)
+    assert sorted(Counter(p for b in batches for p in b).values()) == [4] * 7
     again = AmortizedRegressor(model=trained["regression"], max_steps=5, random_state=0).fit(x, y)
     np.testing.assert_array_equal(again.predict(xq), five.predict(xq))  # random_state fixes the mini-batches
     # a parametric linear refiner's state is a linear model: coef_ and intercept_ are it
     np.testing.assert_allclose(five.predict(xq), xq @ five.coef_ + five.intercept_, rtol=1e-4, atol=1e-5)
     with pytest.raises(AttributeError, match="only a parametric refiner with a linear f"):
-        AmortizedRegressor(model=trained["implicit"]).fit(x, y).coef_
+        AmortizedRegressor(model=trained["implicit"], max_steps=5).fit(x, y).coef_
 
 
 def test_the_classifier_maps_its_labels_and_matches_the_rollout(trained):
@@ -139,6 +154,9 @@ def test_scikit_learn_conventions(trained):
     (np.zeros(8), np.zeros(8), "X: expected a 2-D array (samples x features), got 1-D"),
     (np.zeros((0, 4)), np.zeros(0), "X: expected at least one sample"),
     (np.full((8, 4), np.nan), np.zeros(8), "X contains NaN or infinity (first at row 0)"),
+    (np.r_[np.zeros((3, 4)), np.full((5, 4), 1e39)], np.zeros(8), "X contains values beyond float32's range (first "
+                                                                   "at row 3)"),
+    (np.zeros((8, 4)) + 1j, np.zeros(8), "X: expected real numbers, got dtype complex128"),
     (np.zeros((8, 4)), np.r_[np.zeros(7), np.inf], "y contains NaN or infinity (first at index 7)"),
     (np.zeros((8, 4)), np.zeros(7), "y: expected a 1-D array of 8 targets"),
 ])
@@ -160,6 +178,12 @@ def test_bad_labels_and_models(trained, tmp_path):
     with pytest.raises(ValueError, match=r"^y has 4 classes \(\[0, 1, 2, 3\]\), but this refiner was trained on "
                                          r"task.num_classes=3$"):
         AmortizedClassifier(model=trained["classification"]).fit(np.zeros((4, 4)), [0, 1, 2, 3])
+    with pytest.raises(ValueError, match=r"^y has a single class \(\[1\]\); a classifier needs at least 2"):
+        AmortizedClassifier(model=trained["classification"]).fit(np.zeros((4, 4)), [1, 1, 1, 1])
+    with pytest.raises(ValueError, match=r"^y: expected labels of one sortable type .*, got \['NoneType', 'int'\]$"):
+        AmortizedClassifier(model=trained["classification"]).fit(np.zeros((4, 4)), [0, None, 1, 0])
+    with pytest.raises(ValueError, match=r"^max_steps: expected a positive integer or None, got True$"):
+        AmortizedClassifier(model=trained["classification"], max_steps=True).fit(np.zeros((4, 4)), [0, 1, 1, 0])
     with pytest.raises(ValueError, match="a classification family: use AmortizedClassifier"):
         AmortizedRegressor(model=trained["classification"]).fit(np.zeros((4, 4)), np.zeros(4))
     with pytest.raises(ValueError, match="model: checkpoint .*missing.pt' does not exist"):
@@ -228,6 +252,6 @@ def test_the_adapt_bench_streams_every_method(trained, tmp_path):
     assert by["regression", "Ridge (all at once)"] < 5  # 600 noisy points pin a 4-d linear model down
     assert by["classification", "refiner, first K mini-batches"] < 60  # 3 classes: chance is ~67%
     assert "| regression | refiner | 600 | 600 |" in (tmp_path / "adapt.md").read_text()
-    with pytest.raises(SystemExit, match="--model .*cls.pt is a classification refiner; expected a regression one"):
+    with pytest.raises(SystemExit, match="--model .*cls.pt is a linear_classification refiner; expected a linear_regression one"):
         bench.main(["adapt", "--model", str(trained["classification"]), "--out", str(tmp_path / "refused")])
     assert not (tmp_path / "refused").exists()
