@@ -11,7 +11,9 @@ and the rest of the optimisation stay as they were, or the command stops with on
 
 from __future__ import annotations
 
+import json
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -79,12 +81,39 @@ def check_resumable(path: str | Path, cfg: ExperimentConfig) -> dict:
     return ckpt
 
 
+RAY_SNAPSHOT = "checkpoint_manager_snapshot.json"  # Ray Train's record of the checkpoints it registered
+
+
 def newest(run_dir: Path) -> Path | None:
     """The checkpoint of a run directory with the most learner steps: the in-process `checkpoint.pt` or one
     of Ray Train's `checkpoint_*/checkpoint.pt` (a run may switch between the two paths on resume). One that
-    cannot be read is an error, never silently passed over for an older one."""
+    cannot be read is an error, never silently passed over for an older one, except a Ray Train directory that
+    Ray never registered: a copy cut off when its learner's node was lost (Ray copies into the directory in
+    place, and goes on from the checkpoint before)."""
     candidates = [p for p in (run_dir / "checkpoint.pt", *run_dir.glob("checkpoint_*/checkpoint.pt")) if p.is_file()]
-    return max(candidates, key=step_of, default=None)
+    registered = _registered_by_ray(run_dir)
+    steps = {}
+    for path in candidates:
+        try:
+            steps[path] = step_of(path)
+        except CheckpointError:
+            if path.parent == run_dir or registered is None or path.parent.name in registered:
+                raise
+            print(f"[checkpoint] passing over {path}: it cannot be read and Ray Train never registered it (a copy "
+                  "cut off)", file=sys.stderr, flush=True)
+    return max(steps, key=steps.get, default=None)
+
+
+def _registered_by_ray(run_dir: Path) -> set[str] | None:
+    """The checkpoint directories Ray Train registered for this run (none before its first); None if its record
+    cannot be read, so that nothing is passed over on a guess."""
+    path = run_dir / RAY_SNAPSHOT
+    if not path.exists():
+        return set()
+    try:
+        return {r["checkpoint_dir_name"] for r in json.loads(path.read_text())["checkpoint_results"]}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def step_of(path: Path) -> int:

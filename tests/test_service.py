@@ -15,7 +15,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from ray import cloudpickle
 
-from iai_dist import train
+from iai_dist import checkpoint, train
 from iai_dist.checkpoint import CheckpointError, read_checkpoint
 from iai_dist.learner import ServiceError
 from iai_dist.service.fit import episode_worker_name, fit
@@ -96,7 +96,13 @@ def test_ray_training_is_exact_across_a_learner_failure_and_resumes_with_more_wo
     check_ledger(read_ledger(hook.ledger), range(1, 37), ranks=1, tasks=32, staleness=1)
     assert all(w["batches_this_incarnation"] >= 6 for w in more.workers)
 
+    # a copy Ray never registered (its learner's node lost mid-report) is passed over; a registered checkpoint
+    # that cannot be read stops the run
     newest = max(p for p in (tmp_path / "plain").glob("checkpoint_*") if p.is_dir()) / "checkpoint.pt"
+    cut_off = tmp_path / "plain" / "checkpoint_2999-01-01_00-00-00.000000" / "checkpoint.pt"
+    cut_off.parent.mkdir()
+    cut_off.write_bytes(newest.read_bytes()[:4096])
+    assert checkpoint.step_of(checkpoint.newest(tmp_path / "plain")) == 36
     newest.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="cannot be read"):
         fit(longer, tmp_path / "plain")

@@ -15,12 +15,12 @@ class WeightBoard:
     """The published refiner weights by version (the learner step that produced them), owned by this actor
     so they outlive a restarted learner.
 
-    Versions belong to a generation, one per learner attempt, increasing (the attempt's start time): a request
-    of an older generation is answered "superseded", so a worker never waits for, nor rolls out with, weights of
-    an attempt that was rolled back; one of a newer generation waits ("pending") until that attempt's rank 0
-    opens it, which may come after its other ranks' first requests. The board is restartable: after its own
-    death it comes back empty and answers "pending" until a learner rank hands it the versions still needed
-    again (`ensure`), which every rank does while it waits.
+    Versions belong to a generation, one per learner attempt, increasing (the attempt's start time, or past the
+    last one the board opened): a request of an older generation is answered "superseded", so a worker never
+    waits for, nor rolls out with, weights of an attempt that was rolled back; one of a newer generation waits
+    ("pending") until that attempt's rank 0 opens it, which may come after its other ranks' first requests. The
+    board is restartable: after its own death it comes back empty and answers "pending" until a learner rank
+    hands it the versions still needed again (`ensure`), which every rank does while it waits.
     """
 
     def __init__(self) -> None:
@@ -45,7 +45,8 @@ class WeightBoard:
 
     def publish(self, generation: int, version: int, weights: bytes, keep_from: int) -> bool:
         """Add a version and forget those below keep_from; False if the board does not know the generation
-        (it restarted): the publisher then hands it the whole window with `ensure`."""
+        (it restarted): the version reaches it with the rest of the window when a rank that waits for a batch
+        finds the board empty and refills it (`missing`, then `ensure`)."""
         if generation != self.generation:
             return False
         self.versions[version] = [ray.put(weights)]

@@ -46,7 +46,8 @@ def learner_loop(config: dict) -> dict:
         window = {learner.step: {k: t.detach().to("cpu", copy=True) for k, t in learner.model.state_dict().items()}}
     schedule = VersionSchedule(d.staleness, d.sync_every, learner.step, list(window))
     board = config["board"]
-    generation = [time.time_ns() if rank == 0 else None]  # this learner attempt's: later attempts, larger
+    # this learner attempt's: later attempts, larger (past the board's, should rank 0's node clock be behind)
+    generation = [max(time.time_ns(), (ray.get(board.info.remote())["generation"] or 0) + 1) if rank == 0 else None]
     if world > 1:
         dist.broadcast_object_list(generation, src=0)
     if rank == 0:
