@@ -1,12 +1,11 @@
 """`python -m iai_dist.bench adapt`: a trained refiner used as a streaming estimator, beside scikit-learn's.
 
 One synthetic task of the refiner's own family (linear regression or classification; its task config: d,
-noise, classes) is streamed in chunks of
-CHUNK points, so no method but the batch ones (Ridge, LogisticRegression: they need every point at once)
-ever holds the stream. Each (method, stream length) runs in a fresh process that reports its wall clock,
-points/s, peak resident memory (and how far it rose above the process once torch, scikit-learn and the
-refiner were loaded) and the DESIGN.md error on 10,000 held-out points of the same task. The refiner's time
-includes reading its checkpoint (tens of ms).
+noise, classes) is streamed in chunks of CHUNK points, so no method but the batch ones (Ridge,
+LogisticRegression: they need every point at once) ever holds the stream. Each (method, stream length) runs in
+a fresh process that reports its wall clock, points/s, peak resident memory (and how far it rose above the
+process once torch, scikit-learn and the refiner were loaded) and the DESIGN.md error on 10,000 held-out points
+of the same task. The refiner's time includes reading its checkpoint (tens of ms).
 """
 
 from __future__ import annotations

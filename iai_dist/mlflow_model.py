@@ -4,8 +4,7 @@ Input, one frame per call: feature columns x0 .. x{d-1}, the target `y` and a `r
 is `context` are the data to adapt to (streamed through the refiner as `AmortizedRegressor.fit` does); rows
 whose role is `query` get a prediction (their `y` is ignored). Params: `random_state` (the mini-batch shuffle,
 default 0) and `max_steps` (refinement steps; 0, the default, is one pass over the context, at most the
-refiner's horizon, as `fit` does). Output: a
-`prediction` column, one row per query row, in order.
+refiner's horizon, as `fit` does). Output: a `prediction` column, one row per query row, in order.
 
 Every tracked training run logs it as the `refiner` model of its MLflow run, with the checkpoint as its
 artifact and the iai_dist package as its code, so it loads with `mlflow.pyfunc.load_model` anywhere the

@@ -78,7 +78,7 @@ class RayFeed:
 
     def _request_ready(self) -> None:
         """Send the requests of the next steps whose weight versions the learner has made, up to staleness + 1
-        unanswered (at staleness s, the request of step n goes out once step n - s - 1 is learned)."""
+        unanswered (at staleness s and sync_every 1, the request of step n goes out once step n - s - 1 is learned)."""
         while (self.next_request < self.end and len(self.pending) <= self.schedule.staleness
                and self.schedule.version_for(self.next_request) <= self.learner.step):
             step = self.next_request
