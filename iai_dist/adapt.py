@@ -16,14 +16,16 @@ Parametric and explicit refiners keep one state vector (theta or z), so memory s
 stream. The implicit regime's state is its predictions at the query points, which are known only at
 `predict`: it keeps the mini-batches and replays them for every `predict` call (memory grows with the data).
 
+`standardize=True` maps the data onto the scale the refiner knows, its family's: each feature (and a regression
+target) gets the family's mean and spread, from the data of `fit` (or of the first `partial_fit`); predictions,
+`coef_` and `intercept_` are mapped back. Off by default: data already on the family's scale need nothing.
+
 `model` is a run directory, a checkpoint file or an MLflow run URI (`runs:/RUN_ID`, whose `checkpoint.pt`
 artifact every training run logs).
 """
 
 from __future__ import annotations
 
-import argparse
-import csv
 import math
 import numbers
 import sys
@@ -75,11 +77,12 @@ class _AmortizedEstimator(BaseEstimator):
     _kind: str  # the task kind this estimator serves: "regression" or "classification"
 
     def __init__(self, model=None, max_steps: int | None = None, random_state: int | None = None,
-                 device: str = "cpu"):
+                 device: str = "cpu", standardize: bool = False):
         self.model = model
         self.max_steps = max_steps
         self.random_state = random_state
         self.device = device
+        self.standardize = standardize
 
     # -- scikit-learn API --
     def fit(self, X, y):
@@ -89,7 +92,7 @@ class _AmortizedEstimator(BaseEstimator):
             raise ValueError(f"max_steps: expected a positive integer or None, got {steps!r}")
         refiner, cfg = self._load()
         x, targets = self._check_xy(X, y, refiner, cfg, new_classes=True)
-        self._start(refiner, cfg)
+        self._start(refiner, cfg, x, targets)
         if steps is None:
             steps = min(math.ceil(len(x) / self.batch_size_), self.horizon_)
             if steps * self.batch_size_ < len(x):
@@ -110,13 +113,14 @@ class _AmortizedEstimator(BaseEstimator):
                 self._check_x(X, refiner)  # nothing is set before the data are checked
                 self._set_classes(np.asarray(classes), cfg, "classes")
             x, targets = self._check_xy(X, y, refiner, cfg, new_classes=classes is None)
-            self._start(refiner, cfg)
+            self._start(refiner, cfg, x, targets)
         self._stream(x, targets, math.ceil(len(x) / self.batch_size_))
         return self
 
-    def _start(self, refiner: IterativeModel, cfg: ExperimentConfig) -> None:
-        """The initial state, once the first data has been checked."""
+    def _start(self, refiner: IterativeModel, cfg: ExperimentConfig, x: torch.Tensor, targets: torch.Tensor) -> None:
+        """The initial state, once the first data has been checked, and the maps onto the family's scale."""
         self.refiner_, self.config_ = refiner, cfg
+        self._x_map, self._y_map = self._scaling(refiner, cfg, x, targets)
         self.n_features_in_ = refiner.family.x_dim
         self.batch_size_ = cfg.task.batch_size
         self.horizon_ = horizon(cfg)
@@ -129,9 +133,30 @@ class _AmortizedEstimator(BaseEstimator):
         """The refined f's outputs at X: [n, out_dim] (values, or logits)."""
         if not hasattr(self, "refiner_"):
             raise NotFittedError(f"this {type(self).__name__} is not fitted yet: call fit or partial_fit first")
-        x = self._check_x(X, self.refiner_)
+        x = self._check_x(X, self.refiner_) * self._x_map[0] + self._x_map[1]
         outs = [self._out_at(x[i:i + QUERY_CHUNK]) for i in range(0, len(x), QUERY_CHUNK)]
         return torch.cat(outs).cpu()
+
+    def _scaling(self, refiner: IterativeModel, cfg: ExperimentConfig, x: torch.Tensor, targets: torch.Tensor):
+        """(scale, shift) for X per feature and for regression targets: with `standardize`, the affine maps that
+        give the first data (of fit, or the first partial_fit) the mean and spread of the refiner's family,
+        measured on 256 of its tasks; the identity otherwise. The refiner only knows its family's scale."""
+        identity = (torch.ones(x.shape[1], device=x.device), torch.zeros(x.shape[1], device=x.device))
+        if not self.standardize:
+            return identity, (1.0, 0.0)
+        ep = refiner.family.sample(cfg.eval.seed, torch.arange(256), device=x.device)
+        family_x, family_y = ep.context()
+        family_x = family_x.flatten(0, 1)
+
+        def onto(data: torch.Tensor, family: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            spread = data.std(0, unbiased=False)
+            scale = family.std(0, unbiased=False) / torch.where(spread > 0, spread, torch.ones_like(spread))
+            return scale, family.mean(0) - data.mean(0) * scale
+
+        y_map = (1.0, 0.0)
+        if self._kind == "regression":
+            y_map = tuple(float(v) for v in onto(targets.reshape(-1), family_y.reshape(-1).float()))
+        return onto(x, family_x.float()), y_map
 
     # -- the refinement --
     @property
@@ -151,6 +176,9 @@ class _AmortizedEstimator(BaseEstimator):
                 pick, order = self._minibatch(order, n, b)
                 pick = torch.from_numpy(pick)
                 xb, yb = x[pick].unsqueeze(0), targets[pick].unsqueeze(0)
+                xb = xb * self._x_map[0] + self._x_map[1]
+                if self._kind == "regression":
+                    yb = yb * self._y_map[0] + self._y_map[1]
                 if self._implicit:
                     self._batches.append((xb, yb))
                 else:
@@ -248,16 +276,20 @@ class AmortizedRegressor(RegressorMixin, _AmortizedEstimator):
     _kind = "regression"
 
     def predict(self, X) -> np.ndarray:
-        return self._predict_out(X)[:, 0].numpy().astype(np.float64)
+        scale, shift = self._y_map if hasattr(self, "refiner_") else (1.0, 0.0)
+        return (self._predict_out(X)[:, 0].numpy().astype(np.float64) - shift) / scale
 
     @property
     def coef_(self) -> np.ndarray:
+        """On the data's own scale: with `standardize`, the refined model's weights mapped back."""
         w, _ = self._linear_theta()
-        return w[:, 0]
+        return w[:, 0] * self._x_map[0].cpu().numpy() / self._y_map[0]
 
     @property
     def intercept_(self) -> float:
-        return float(self._linear_theta()[1][0])
+        w, b = self._linear_theta()
+        shifted = float(b[0] + self._x_map[1].cpu().numpy() @ w[:, 0])
+        return (shifted - self._y_map[1]) / self._y_map[0]
 
     def _linear_theta(self) -> tuple[np.ndarray, np.ndarray]:
         if not hasattr(self, "refiner_"):
@@ -329,73 +361,7 @@ def _progress(steps, label: str, enabled: bool):
                   end="\n" if i + 1 == total else "", file=sys.stderr, flush=True)
 
 
-# -- the command --
-def _read_csv(path: Path, target: str | None) -> tuple[np.ndarray, np.ndarray | None, list[str]]:
-    """Numbers from a CSV file with a header row; `target` names the label column (None: no labels)."""
-    if not path.is_file():
-        raise ValueError(f"{path}: no such file")
-    with path.open(newline="") as f:
-        rows = list(csv.reader(f))
-    if len(rows) < 2:
-        raise ValueError(f"{path}: expected a header row and at least one data row")
-    header, body = rows[0], rows[1:]
-    if target is not None and target not in header:
-        raise ValueError(f"{path}: no column {target!r} (columns: {', '.join(header)}); name it with --target")
-    features = [c for c in header if c != target]
-    try:
-        data = np.array([[float(v) for v in row] for row in body], dtype=np.float64)
-    except ValueError as exc:
-        raise ValueError(f"{path}: every value must be a number ({exc})") from None
-    if data.ndim != 2 or data.shape[1] != len(header):
-        raise ValueError(f"{path}: every row must have {len(header)} values, like the header")
-    if target is None:
-        return data, None, features
-    col = header.index(target)
-    return np.delete(data, col, axis=1), data[:, col], features
+if __name__ == "__main__":  # the command: the estimators on CSV files
+    from iai_dist.adapt_command import main
 
-
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m iai_dist.adapt", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", required=True, help="run directory, checkpoint file or runs:/RUN_ID")
-    p.add_argument("--train", required=True, type=Path, help="CSV with a header: feature columns and --target")
-    p.add_argument("--predict", required=True, type=Path, help="CSV with the same feature columns")
-    p.add_argument("--target", default="y", help="the label column of --train (default: y)")
-    p.add_argument("--out", type=Path, help="write predictions here (CSV); default: standard output")
-    p.add_argument("--max-steps", type=int, help="refinement steps (default: one pass over --train, at most the "
-                   "refiner's horizon, K x max(train.horizon, eval.horizon))")
-    p.add_argument("--seed", type=int, default=0, help="the mini-batch shuffle's seed")
-    p.add_argument("--device", default="cpu", help="cpu, cuda or auto")
-    args = p.parse_args(argv)
-    try:
-        x, y, features = _read_csv(args.train, args.target)
-        xq, _, query_features = _read_csv(args.predict, args.target if args.target in _header(args.predict) else None)
-        if query_features != features:
-            raise ValueError(f"{args.predict}: expected the feature columns of {args.train} ({', '.join(features)}), "
-                             f"got {', '.join(query_features)}")
-        refiner, _ = load_refiner(args.model, "cpu")
-        cls = AmortizedClassifier if refiner.family.kind == "classification" else AmortizedRegressor
-        est = cls(model=args.model, max_steps=args.max_steps, random_state=args.seed, device=args.device)
-        est.fit(x, y)
-        pred = est.predict(xq)
-    except (ValueError, CheckpointError, ConfigError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    lines = ["prediction", *map(str, pred.tolist())]
-    if args.out is None:
-        print("\n".join(lines))
-    else:
-        args.out.write_text("\n".join(lines) + "\n")
-        print(f"{len(pred)} predictions ({est.n_steps_} refinement steps on {len(x)} points) -> {args.out}",
-              file=sys.stderr)
-    return 0
-
-
-def _header(path: Path) -> list[str]:
-    if not path.is_file():
-        return []
-    with path.open(newline="") as f:
-        return next(csv.reader(f), [])
-
-
-if __name__ == "__main__":
     sys.exit(main())

@@ -3,8 +3,9 @@
 Input, one frame per call: feature columns x0 .. x{d-1}, the target `y` and a `role` column. Rows whose role
 is `context` are the data to adapt to (streamed through the refiner as `AmortizedRegressor.fit` does); rows
 whose role is `query` get a prediction (their `y` is ignored). Params: `random_state` (the mini-batch shuffle,
-default 0) and `max_steps` (refinement steps; 0, the default, is one pass over the context, at most the
-refiner's horizon, as `fit` does). Output: a `prediction` column, one row per query row, in order.
+default 0), `max_steps` (refinement steps; 0, the default, is one pass over the context, at most the refiner's
+horizon, as `fit` does) and `standardize` (false; true maps the context onto the family's scale, as the
+estimator's option does). Output: a `prediction` column, one row per query row, in order.
 
 Every tracked training run logs it as the `refiner` model of its MLflow run, with the checkpoint as its
 artifact and the iai_dist package as its code, so it loads with `mlflow.pyfunc.load_model` anywhere the
@@ -54,7 +55,7 @@ class AmortizedInference(mlflow.pyfunc.PythonModel):
         y = context_rows["y"].to_numpy()
         cls = AmortizedRegressor if self.kind == "regression" else AmortizedClassifier
         est = cls(model=self.checkpoint, max_steps=int(params.get("max_steps", 0)) or None,
-                  random_state=int(params.get("random_state", 0)))
+                  random_state=int(params.get("random_state", 0)), standardize=bool(params.get("standardize", False)))
         est.fit(context_rows[features].to_numpy(np.float64), y.astype(np.float64) if self.kind == "regression" else y)
         return pd.DataFrame({"prediction": np.asarray(est.predict(query_rows[features].to_numpy(np.float64)),
                                                       dtype=np.float64)})
@@ -62,7 +63,8 @@ class AmortizedInference(mlflow.pyfunc.PythonModel):
 
 def signature(dim: int) -> ModelSignature:
     inputs = Schema([*(ColSpec("double", f"x{i}") for i in range(dim)), ColSpec("double", "y"), ColSpec("string", "role")])
-    params = ParamSchema([ParamSpec("random_state", "long", 0), ParamSpec("max_steps", "long", 0)])
+    params = ParamSchema([ParamSpec("random_state", "long", 0), ParamSpec("max_steps", "long", 0),
+                          ParamSpec("standardize", "boolean", False)])
     return ModelSignature(inputs=inputs, outputs=Schema([ColSpec("double", "prediction")]), params=params)
 
 

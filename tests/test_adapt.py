@@ -12,7 +12,7 @@ from sklearn.base import clone
 from sklearn.exceptions import NotFittedError
 from sklearn.utils.estimator_checks import check_get_params_invariance, check_set_params
 
-from iai_dist import adapt
+from iai_dist import adapt, adapt_command
 from iai_dist.adapt import AmortizedClassifier, AmortizedRegressor
 from iai_dist.bench_adapt import METHODS
 from iai_dist.learner import train_in_process
@@ -115,6 +115,26 @@ def test_fit_streams_to_the_horizon_or_max_steps_and_refines(trained):
     np.testing.assert_allclose(five.predict(xq), xq @ five.coef_ + five.intercept_, rtol=1e-4, atol=1e-5)
     with pytest.raises(AttributeError, match="only a parametric refiner with a linear f"):
         AmortizedRegressor(model=trained["implicit"], max_steps=5).fit(x, y).coef_
+
+
+def test_standardize_maps_the_data_onto_the_familys_scale_and_back(trained):
+    """With standardize, new units for X and y change only the units of the answer (the refiner reads the same
+    standardised data), coef_ and intercept_ are on the data's scale, and the fit beats one on the raw units."""
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=4)
+    x, xq = rng.normal(size=(40, 4)), rng.normal(size=(50, 4))
+    on_scale = AmortizedRegressor(model=trained["regression"], standardize=True, random_state=0).fit(x, x @ w)
+    units = AmortizedRegressor(model=trained["regression"], standardize=True, random_state=0)
+    units.fit(x * 10 + 5, x @ w * 100 - 30)
+    np.testing.assert_allclose(units.predict(xq * 10 + 5), on_scale.predict(xq) * 100 - 30, rtol=1e-3, atol=0.05)
+    np.testing.assert_allclose(units.predict(xq * 10 + 5), (xq * 10 + 5) @ units.coef_ + units.intercept_,
+                               rtol=1e-4, atol=0.05)
+    raw = AmortizedRegressor(model=trained["regression"], random_state=0).fit(x * 10 + 5, x @ w * 100 - 30)
+    assert units.score(xq * 10 + 5, xq @ w * 100 - 30) > raw.score(xq * 10 + 5, xq @ w * 100 - 30)
+    labels = (x @ w > 0).astype(int)
+    a = AmortizedClassifier(model=trained["classification"], standardize=True, random_state=0).fit(x, labels)
+    b = AmortizedClassifier(model=trained["classification"], standardize=True, random_state=0).fit(x * 10 + 5, labels)
+    np.testing.assert_allclose(b.predict_proba(xq * 10 + 5), a.predict_proba(xq), atol=1e-3)
 
 
 def test_the_classifier_maps_its_labels_and_matches_the_rollout(trained):
@@ -220,17 +240,17 @@ def test_the_adapt_command(trained, tmp_path, capsys):
     _write_csv(tmp_path / "query.csv", features, xq.tolist())
     argv = ["--model", str(trained["regression"]), "--train", str(tmp_path / "train.csv"),
             "--predict", str(tmp_path / "query.csv"), "--out", str(tmp_path / "pred.csv"), "--seed", "4"]
-    assert adapt.main(argv) == 0
+    assert adapt_command.main(argv) == 0
     assert "6 predictions (10 refinement steps on 40 points)" in capsys.readouterr().err
     written = [float(v) for v in (tmp_path / "pred.csv").read_text().split()[1:]]
     expected = AmortizedRegressor(model=trained["regression"], random_state=4).fit(x, y).predict(xq)
     np.testing.assert_allclose(written, expected, rtol=1e-6)
 
     _write_csv(tmp_path / "query.csv", ["a", "b", "c", "e"], xq.tolist())
-    assert adapt.main(argv) == 2
+    assert adapt_command.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "expected the feature columns of" in err and len(err.splitlines()) == 1
-    assert adapt.main([*argv[:4], "--predict", str(tmp_path / "none.csv")]) == 2
+    assert adapt_command.main([*argv[:4], "--predict", str(tmp_path / "none.csv")]) == 2
     assert "none.csv: no such file" in capsys.readouterr().err
 
 
