@@ -98,7 +98,8 @@ class _AmortizedEstimator(BaseEstimator):
             if steps * self.batch_size_ < len(x):
                 warnings.warn(f"fit read {steps * self.batch_size_} of {len(x)} points: {steps} mini-batches of "
                               f"{self.batch_size_}, this refiner's horizon (K={cfg.task.steps} x "
-                              f"{self.horizon_ // cfg.task.steps}); max_steps= reads more", HorizonWarning, stacklevel=2)
+                              f"{self.horizon_ // cfg.task.steps}); max_steps= reads more", HorizonWarning,
+                              stacklevel=2)
         self._stream(x, targets, steps)
         return self
 
@@ -166,6 +167,9 @@ class _AmortizedEstimator(BaseEstimator):
     def _stream(self, x: torch.Tensor, targets: torch.Tensor, steps: int) -> None:
         """`steps` refinement steps on full mini-batches of B drawn without replacement, reshuffled every pass."""
         n, b, order = len(x), self.batch_size_, np.empty(0, dtype=np.int64)
+        x = x * self._x_map[0] + self._x_map[1]  # onto the family's scale (the identity without standardize)
+        if self._kind == "regression":
+            targets = targets * self._y_map[0] + self._y_map[1]
         if self.n_steps_ <= self.horizon_ < self.n_steps_ + steps:
             k = self.config_.task.steps
             warnings.warn(f"refining to step {self.n_steps_ + steps}, past this refiner's horizon of {self.horizon_} "
@@ -176,9 +180,6 @@ class _AmortizedEstimator(BaseEstimator):
                 pick, order = self._minibatch(order, n, b)
                 pick = torch.from_numpy(pick)
                 xb, yb = x[pick].unsqueeze(0), targets[pick].unsqueeze(0)
-                xb = xb * self._x_map[0] + self._x_map[1]
-                if self._kind == "regression":
-                    yb = yb * self._y_map[0] + self._y_map[1]
                 if self._implicit:
                     self._batches.append((xb, yb))
                 else:
@@ -276,8 +277,8 @@ class AmortizedRegressor(RegressorMixin, _AmortizedEstimator):
     _kind = "regression"
 
     def predict(self, X) -> np.ndarray:
-        scale, shift = self._y_map if hasattr(self, "refiner_") else (1.0, 0.0)
-        return (self._predict_out(X)[:, 0].numpy().astype(np.float64) - shift) / scale
+        out = self._predict_out(X)[:, 0].numpy().astype(np.float64)  # not fitted: NotFittedError here
+        return (out - self._y_map[1]) / self._y_map[0]
 
     @property
     def coef_(self) -> np.ndarray:
@@ -323,7 +324,8 @@ class AmortizedClassifier(ClassifierMixin, _AmortizedEstimator):
             classes = np.unique(labels)
         except TypeError:  # mixed types or None: no order
             types = sorted({type(v).__name__ for v in labels.tolist()})
-            raise ValueError(f"{name}: expected labels of one sortable type (numbers or strings), got {types}") from None
+            raise ValueError(f"{name}: expected labels of one sortable type (numbers or strings), "
+                             f"got {types}") from None
         if len(classes) < 2:
             raise ValueError(f"{name} has a single class ({_few(classes)}); a classifier needs at least 2 (a stream "
                              "whose first part shows one: partial_fit(..., classes=every label))")

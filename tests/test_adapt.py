@@ -272,6 +272,7 @@ def test_the_adapt_bench_streams_every_method(trained, tmp_path):
     assert by["regression", "Ridge (all at once)"] < 5  # 600 noisy points pin a 4-d linear model down
     assert by["classification", "refiner, first K mini-batches"] < 60  # 3 classes: chance is ~67%
     assert "| regression | refiner | 600 | 600 |" in (tmp_path / "adapt.md").read_text()
-    with pytest.raises(SystemExit, match="--model .*cls.pt is a linear_classification refiner; expected a linear_regression one"):
+    with pytest.raises(SystemExit, match="--model .*cls.pt is a linear_classification refiner; expected a "
+                                         "linear_regression one"):
         bench.main(["adapt", "--model", str(trained["classification"]), "--out", str(tmp_path / "refused")])
     assert not (tmp_path / "refused").exists()

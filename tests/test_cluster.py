@@ -20,7 +20,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from ray.job_submission import JobStatus
 
-from iai_dist.service.loopback import LoopbackCluster, follow_with_faults, free_port
+from iai_dist.service.loopback import STEP_LINE, LoopbackCluster, follow_with_faults, free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 TASKS = 128  # tasks per learner step (the default preset's)
@@ -117,7 +117,7 @@ def faulted(cluster, tracking_server, tmp_path_factory):
 def test_the_main_job_submitted_with_its_working_dir_trains_across_both_nodes(faulted, tracking_server):
     assert faulted["status"] == JobStatus.SUCCEEDED, faulted["logs"][-3000:]
     assert "| refiner |" in faulted["logs"]
-    logged = {int(s) for s in re.findall(r"\[refiner\] step +(\d+)/", faulted["logs"])}
+    logged = {int(s) for s in STEP_LINE.findall(faulted["logs"])}
     missing = sorted(set(range(2, STEPS + 1, 2)) - logged)  # every log step's line, none held back by Ray's dedup
     assert not missing, f"progress lines missing from the job's log: steps {missing}"
     summary = json.loads((faulted["run_dir"] / "summary.json").read_text())
